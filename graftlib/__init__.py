@@ -1,0 +1,20 @@
+"""graftlib: parameter-efficient fine-tuning as graph surgery.
+
+    g = graftlib.apply(model, "lora(q,v,r=16)")   # trace, select sites, graft
+    g.merge()                                      # fold deltas into the weights
+"""
+from __future__ import annotations
+
+from .errors import GraftError, GraftSpecError, LoadError, TraceError
+from .grafted import Grafted, GraftRecord, apply
+from .io import load, save
+from .select import select
+from .spec import parse_spec
+from .trace import Traced, example_inputs_for, trace
+
+__all__ = [
+    "apply", "trace", "select", "load", "save", "parse_spec", "example_inputs_for",
+    "Grafted", "GraftRecord", "Traced",
+    "GraftError", "GraftSpecError", "LoadError", "TraceError",
+]
+__version__ = "0.1.0"

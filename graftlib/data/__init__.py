@@ -1,0 +1,1 @@
+"""Data bundled with graftlib: the demo's labelled review set."""

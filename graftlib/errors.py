@@ -1,0 +1,43 @@
+"""The errors graftlib raises. Each message names the problem and the fix."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["GraftError", "GraftSpecError", "TraceError", "LoadError", "near_names"]
+
+
+class GraftError(ValueError):
+    """Base class of graftlib's user-facing errors."""
+
+
+class GraftSpecError(GraftError):
+    """A spec string that does not parse or names something that does not exist.
+
+    The message shows the spec with a caret under the offending column.
+    """
+
+    def __init__(self, message: str, spec: str | None = None, column: int | None = None):
+        self.reason = message
+        self.spec = spec
+        self.column = column
+        if spec is not None and column is not None:
+            message = f"{message}\n  {spec}\n  {' ' * column}^"
+        super().__init__(message)
+
+
+class TraceError(GraftError):
+    """The model could not be traced into a graph."""
+
+
+class LoadError(GraftError):
+    """A saved graft or checkpoint could not be loaded; nothing was changed."""
+
+
+def near_names(name: str, candidates: Iterable[str], n: int = 5) -> str:
+    """A short "did you mean" phrase listing the names closest to `name`."""
+    pool = sorted(set(candidates))
+    close = difflib.get_close_matches(name, pool, n=n, cutoff=0.4)
+    if not close:
+        close = pool[:n]
+    return ", ".join(close) if close else "(none)"

@@ -1,0 +1,374 @@
+"""The grafted module: a traced model plus named adapters, called exactly like the original."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .editor import STORE, AdapterStore, Editor, escape, graft_tag, is_join
+from .errors import GraftError, GraftSpecError, near_names
+from .registry import Method, get_method
+from .runtime import build_module, copy_graph, op_histogram, specialise
+from .select import Selection, SiteIndex
+from .sites import Site, weight_value
+from .spec import GraftCall, parse_spec
+from .trace import Traced, trace
+
+__all__ = ["Grafted", "GraftRecord", "apply"]
+
+
+@dataclass
+class GraftRecord:
+    """One applied graft: enough to replay it on a fresh trace and to save it."""
+
+    method: str
+    adapter: str
+    spec: str                       # the call's text, e.g. "lora(q,v,r=8)"
+    config: dict[str, Any]
+    sites: list[str]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    call: GraftCall
+    method: Method
+    config: dict[str, Any]
+    selection: Selection
+
+
+def _share_parameters(gm: fx.GraphModule) -> None:
+    """Give the graph its own Parameter objects over the model's storage (frozen), and own buffers.
+
+    Storage is shared (no copy of the weights) while ``requires_grad`` and buffer updates (batch-norm
+    statistics) stay the graph's own, so the user's model is not changed by grafting or training.
+    """
+    memo: dict[int, nn.Parameter] = {}
+    for name, param in list(gm.named_parameters(remove_duplicate=False)):
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        new = memo.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=False))
+        module._parameters[leaf] = new
+    buffers: dict[int, torch.Tensor] = {}
+    for name, buffer in list(gm.named_buffers(remove_duplicate=False)):
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        module._buffers[leaf] = buffers.setdefault(id(buffer), buffer.clone())
+
+
+class Grafted(nn.Module):
+    """A model's traced graph with adapters grafted in.
+
+    Call it like the original model. Only adapter parameters require grad; ``train()``/``eval()``
+    switch dropout and batch norm; ``set_active`` and ``disable_adapters`` choose adapters.
+    """
+
+    def __init__(self, traced: Traced, model: nn.Module | None = None):
+        super().__init__()
+        gm = traced.graph_module
+        _share_parameters(gm)
+        if not isinstance(getattr(gm, STORE, None), AdapterStore):
+            gm.add_submodule(STORE, AdapterStore())
+        self.graph_module = gm
+        object.__setattr__(self, "_model", model)
+        self._traced = traced
+        self._base_graph = copy_graph(gm.graph)
+        self.records: list[GraftRecord] = []
+        self._active: tuple[str, ...] = ()
+        self._runtimes: dict[tuple, fx.GraphModule] = {}
+        self._variants: dict[frozenset[str], "Grafted"] = {}
+        self.retraceable = model is not None
+        self.train(model.training if model is not None else False)
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def store(self) -> AdapterStore:
+        return getattr(self.graph_module, STORE)
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The canonical graph: every adapter, training mode."""
+        return self.graph_module.graph
+
+    @property
+    def base_graph_module(self) -> fx.GraphModule:
+        return fx.GraphModule(self.graph_module, copy_graph(self._base_graph))
+
+    @property
+    def base_graph(self) -> fx.Graph:
+        return self._base_graph
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._traced.input_names
+
+    @property
+    def adapters(self) -> dict[str, GraftRecord]:
+        return {r.adapter: r for r in self.records}
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self._active
+
+    def sites(self, adapter: str | None = None) -> list[str]:
+        return [key for r in self.records if adapter in (None, r.adapter) for key in r.sites]
+
+    def runtime_module(self) -> fx.GraphModule:
+        """The graph module that runs now (this mode, these active adapters)."""
+        key = (self.training, self._active)
+        module = self._runtimes.get(key)
+        if module is None:
+            graph = specialise(self.graph, self._active, self.training)
+            module = self._runtimes[key] = build_module(self.graph_module, graph, self.training)
+        return module
+
+    def _invalidate(self) -> None:
+        self._runtimes.clear()
+        self._variants.clear()
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(): buffers are replaced, rebuild runtimes
+        result = super()._apply(fn, recurse)
+        self._invalidate()
+        return result
+
+    def train(self, mode: bool = True) -> "Grafted":
+        self.training = mode
+        for variant in self._variants.values():
+            variant.train(mode)
+        return self
+
+    # -- adding grafts ---------------------------------------------------------------------------
+    def add(self, spec: str) -> "Grafted":
+        """Graft every call of `spec` into this module (all or nothing)."""
+        calls = parse_spec(spec)
+        index = SiteIndex.build(self.graph_module)
+        plans = self._plan(calls, index)
+        saved_graph = copy_graph(self.graph)
+        try:
+            for plan in plans:
+                self._rewrite(plan, index)
+        except Exception:
+            self.graph_module.graph = saved_graph
+            for plan in plans:
+                if plan.config["name"] in self.store:
+                    del self.store[plan.config["name"]]
+            self.graph_module.recompile()
+            raise
+        for plan in plans:
+            self.records.append(GraftRecord(plan.method.name, plan.config["name"], plan.call.text,
+                                            plan.config, [s.key for s in plan.selection.sites]))
+        self._active = tuple(dict.fromkeys(self._active + tuple(p.config["name"] for p in plans)))
+        self._finish()
+        return self
+
+    def _plan(self, calls: list[GraftCall], index: SiteIndex) -> list[_Plan]:
+        plans, names = [], set(self.adapters)
+        for call in calls:
+            method = get_method(call)
+            config = method.configure(call, index)
+            name = config["name"]
+            if name in names or name == "__base__":
+                column = call.option_columns.get("name", call.column)
+                raise GraftSpecError(
+                    f"adapter {name!r} already exists: give this graft another name, e.g. name={name}2",
+                    call.source, column)
+            names.add(name)
+            selection = method.select(call, index, config)
+            if method.needs_targets and not selection.sites:
+                raise call.error(f"{call.text} selects no site (check layers=)")
+            for site in selection.sites:
+                method.check_site(call, site, config)
+            plans.append(_Plan(call, method, config, selection))
+        return plans
+
+    def _rewrite(self, plan: _Plan, index: SiteIndex) -> None:
+        for site in plan.selection.sites:
+            for anchor in index.anchors.get(site.key, []):
+                editor = Editor(self.graph_module, plan.method.name, plan.config["name"], site, anchor)
+                plan.method.rewrite(editor, site, plan.config)
+        if hasattr(plan.method, "rewrite_graph"):
+            plan.method.rewrite_graph(self.graph_module, plan.selection, plan.config, index)
+
+    def _finish(self) -> None:
+        self.graph.lint()
+        self.graph_module.recompile()
+        self._invalidate()
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_names([name])
+        from .runtime import deactivate
+
+        deactivate(self.graph, [a for a in self.adapters if a != name])
+        self.graph.eliminate_dead_code()
+        del self.store[name]
+        self.records = [r for r in self.records if r.adapter != name]
+        self._active = tuple(a for a in self._active if a != name)
+        self._finish()
+
+    # -- adapters on/off -------------------------------------------------------------------------
+    def _check_names(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.adapters:
+                raise GraftError(f"no adapter named {name!r}; adapters: {near_names(name, self.adapters)}")
+
+    def set_active(self, names: str | Iterable[str]) -> None:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        self._check_names(names)
+        self._active = tuple(dict.fromkeys(names))
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator["Grafted"]:
+        saved = self._active
+        self._active = ()
+        try:
+            yield self
+        finally:
+            self._active = saved
+
+    # -- parameters --------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.parameter_counts()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # -- calling ---------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            kwargs = self._bind(args, kwargs)
+        inputs = {k: v for k, v in kwargs.items() if v is not None}
+        constants = self._traced.constants
+        for key, value in constants.items():
+            if inputs.get(key, value) == value:
+                inputs[key] = value
+        if inputs.keys() != set(self._traced.input_names) | constants.keys():
+            return self._variant(inputs)(**inputs)
+        return self.runtime_module()(**inputs)
+
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        signature = self._traced.signature
+        if signature is None:
+            raise TypeError("this grafted module takes keyword arguments only")
+        return dict(signature.bind_partial(*args, **kwargs).arguments)
+
+    def _variant(self, inputs: dict[str, Any]) -> "Grafted":
+        """The same grafts traced for another set of inputs (e.g. with ``labels``)."""
+        key = frozenset(inputs)
+        variant = self._variants.get(key)
+        if variant is not None:
+            return variant
+        traced_with = ", ".join(sorted(set(self._traced.input_names) | self._traced.constants.keys()))
+        if not self.retraceable:
+            raise GraftError(
+                f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(key))}); "
+                "it cannot re-trace (it was merged or loaded without its model): call it with the traced "
+                "inputs, or graft again with example_inputs that include the others")
+        traced = trace(self._model, dict(inputs), dynamic=self._traced.dynamic)
+        variant = Grafted(traced, self._model)
+        _adopt_parameters(variant.graph_module, self.graph_module)
+        variant.add_records(self.records)
+        variant.set_active(self._active) if self._active else variant.set_active(())
+        variant.train(self.training)
+        self._variants[key] = variant
+        return variant
+
+    def add_records(self, records: Iterable[GraftRecord]) -> None:
+        """Replay saved or existing grafts (their parameters are reused if already in the store)."""
+        spec = " + ".join(_named_spec(r) for r in records)
+        if spec:
+            self.add(spec)
+        extras = {r.adapter: r.extras for r in records}
+        for record in self.records:
+            record.extras = extras.get(record.adapter, record.extras)
+
+    # -- merge -----------------------------------------------------------------------------------
+    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+        """Fold the deltas of mergeable adapters into the weights.
+
+        The result's graph has the base graph's ops (plus any non-mergeable adapters). With
+        ``inplace=False`` (default) merged weights are new tensors and the original model and this
+        module are untouched; with ``inplace=True`` the weights are updated in their storage (which
+        the original model shares) and this module is returned.
+        """
+        from .merge import merge_grafted
+
+        return merge_grafted(self, inplace=inplace, adapters=adapters)
+
+    def _derived(self, graph: fx.Graph) -> "Grafted":
+        """A new Grafted over `graph` sharing this one's parameters (for merged modules)."""
+        gm = fx.GraphModule(self.graph_module, graph)
+        store = AdapterStore()
+        for name, params in self.store.items():
+            store[name] = params
+        gm._modules[STORE] = store
+        new = Grafted.__new__(Grafted)
+        nn.Module.__init__(new)
+        new.graph_module = gm
+        object.__setattr__(new, "_model", self._model)
+        new._traced = dataclasses.replace(self._traced, graph_module=gm)
+        new._base_graph = self._base_graph
+        new.records = [dataclasses.replace(r) for r in self.records]
+        new._active = self._active
+        new._runtimes, new._variants = {}, {}
+        new.retraceable = False
+        new.training = self.training
+        return new
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        from .io import save
+
+        save(self, directory)
+
+    def op_histogram(self) -> dict[str, int]:
+        return op_histogram(self.runtime_module().graph)
+
+    def __repr__(self) -> str:
+        lines = [f"Grafted({self._traced.model_class}, inputs=({', '.join(self.input_names)}))"]
+        for record in self.records:
+            mark = "*" if record.adapter in self._active else " "
+            lines.append(f" {mark} {record.adapter}: {record.spec}  [{len(record.sites)} sites]")
+        return "\n".join(lines)
+
+
+def _named_spec(record: GraftRecord) -> str:
+    call = parse_spec(record.spec)[0]
+    if "name" in call.options:
+        return record.spec
+    inner = record.spec[record.spec.index("(") + 1 : record.spec.rindex(")")].strip()
+    sep = ", " if inner else ""
+    return f"{call.method}({inner}{sep}name={record.adapter})"
+
+
+def _adopt_parameters(target: fx.GraphModule, source: fx.GraphModule) -> None:
+    """Point `target` at `source`'s parameter objects (same names), including the adapter store."""
+    source_params = dict(source.named_parameters(remove_duplicate=False))
+    for name in [n for n, _ in target.named_parameters(remove_duplicate=False)]:
+        if name in source_params:
+            owner, _, leaf = name.rpartition(".")
+            (target.get_submodule(owner) if owner else target)._parameters[leaf] = source_params[name]
+    target._modules[STORE] = getattr(source, STORE)
+
+
+def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: bool = True) -> Grafted:
+    """Trace `model` and graft `spec` into it; returns a new module, the model is not modified.
+
+    On a :class:`Grafted` module, adds the grafts to it and returns it.
+    """
+    if isinstance(model, Grafted):
+        return model.add(spec)
+    parse_spec(spec)  # fail on syntax before spending time tracing
+    grafted = Grafted(trace(model, example_inputs, dynamic), model)
+    return grafted.add(spec)

@@ -1,0 +1,89 @@
+"""Runtime graphs: the canonical grafted graph specialised for one mode and one set of active adapters.
+
+The canonical graph is traced in training mode and holds every adapter. ``specialise`` copies it and
+- replaces the joins of inactive adapters by their base values (a disabled adapter is the base graph),
+- in eval mode removes dropout nodes, zeroes attention dropout and switches batch norm to inference
+  (and stops its ``num_batches_tracked`` update),
+then drops dead nodes. Runtime graph modules share every parameter with the canonical one.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection
+
+import torch
+from torch import fx
+
+from .editor import graft_tag, is_join
+
+__all__ = ["copy_graph", "specialise", "build_module", "op_histogram"]
+
+aten = torch.ops.aten
+_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+             aten.feature_alpha_dropout.default}
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph(owning_module=graph.owning_module)
+    output = new.graph_copy(graph, {})
+    new.output(output)
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
+
+
+def deactivate(graph: fx.Graph, keep: Collection[str]) -> None:
+    """Route around the joins of every adapter not in `keep`."""
+    for node in list(graph.nodes):
+        if is_join(node):
+            tag = graft_tag(node)
+            if tag["adapter"] not in keep:
+                node.replace_all_uses_with(node.args[tag["base"]])
+                graph.erase_node(node)
+
+
+def _to_eval(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target == aten.scaled_dot_product_attention.default:
+            args = list(node.args)
+            if len(args) > 4:
+                args[4] = 0.0
+                node.args = tuple(args)
+            if "dropout_p" in node.kwargs:
+                node.kwargs = {**node.kwargs, "dropout_p": 0.0}
+        elif node.target == aten.batch_norm.default:
+            args = list(node.args)
+            args[5] = False
+            node.args = tuple(args)
+        elif node.target == aten.add_.Tensor and getattr(node.args[0], "op", "") == "get_attr" \
+                and str(node.args[0].target).endswith("num_batches_tracked") and not node.users:
+            graph.erase_node(node)
+
+
+def specialise(graph: fx.Graph, active: Collection[str], training: bool) -> fx.Graph:
+    new = copy_graph(graph)
+    deactivate(new, active)
+    if not training:
+        _to_eval(new)
+    new.eliminate_dead_code()
+    new.lint()
+    return new
+
+
+def build_module(root: torch.nn.Module, graph: fx.Graph, training: bool) -> fx.GraphModule:
+    module = fx.GraphModule(root, graph)
+    module.train(training)
+    return module
+
+
+def op_histogram(graph: fx.Graph) -> dict[str, int]:
+    """Count of each call_function target: the op inventory merge must preserve."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return dict(sorted(counts.items()))

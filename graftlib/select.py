@@ -1,0 +1,204 @@
+"""Site selection: which sites a spec's targets name. Pure: reads the graph, changes nothing.
+
+Short aliases are semantic tables over module-path patterns (names differ between architectures and
+between transformers versions), completed from the graph itself: a projection whose output reaches a
+``scaled_dot_product_attention`` query/key/value input through view ops is q/k/v, and the projection
+reading the attention output is o. Quoted globs and ``re:"..."`` regexes (full match) are the escape
+hatch for everything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from .errors import GraftSpecError, near_names
+from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
+from .spec import GraftCall, Target, parse_spec
+
+__all__ = ["ALIASES", "SiteIndex", "Selection", "select", "resolve_targets"]
+
+_ROLE_PATTERNS: dict[str, list[str]] = {
+    "q": [r"(^|\.)(query|q_proj|q_lin|q|to_q|query_proj)$"],
+    "k": [r"(^|\.)(key|k_proj|k_lin|k|to_k|key_proj)$"],
+    "v": [r"(^|\.)(value|v_proj|v_lin|v|to_v|value_proj)$"],
+    "o": [r"attention\.output\.dense$", r"(attn|attention|Attention)\.(c_proj|dense|o|out_proj|o_proj|out_lin)$",
+          r"(^|\.)(o_proj|out_proj|out_lin|to_out\.0)$"],
+    "gate": [r"(^|\.)(gate_proj|wi_0)$"],
+    "up": [r"intermediate\.dense$", r"mlp\.c_fc$", r"(^|\.)(up_proj|fc1|lin1|c_fc|wi|wi_1|dense_h_to_4h|fc_in)$"],
+    "down": [r"(?<!attention)\.output\.dense$", r"mlp\.c_proj$", r"(^|\.)(down_proj|fc2|lin2|wo|dense_4h_to_h|fc_out)$"],
+    "lm_head": [r"(^|\.)(lm_head|classifier|score|qa_outputs)$", r"predictions\.decoder$"],
+}
+
+#: alias -> roles or kinds it stands for (documented in the README's spec table)
+ALIASES: dict[str, tuple[str, ...]] = {
+    "q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",),
+    "up": ("up",), "down": ("down",), "gate": ("gate",),
+    "ffn": ("up", "down", "gate"), "mlp": ("up", "down", "gate"),
+    "attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v"),
+    "embed": ("embed",), "conv": ("kind:conv2d",), "all-linear": ("kind:linear-all",),
+    "attention": ("kind:attention",),
+}
+
+
+def _name_role(path: str) -> str | None:
+    for role, patterns in _ROLE_PATTERNS.items():
+        if any(re.search(p, path) for p in patterns):
+            return role
+    return None
+
+
+@dataclass
+class SiteIndex:
+    """All sites of one graph, with their anchors and semantic roles."""
+
+    graph_module: fx.GraphModule
+    sites: list[Site]
+    anchors: dict[str, list[fx.Node]]
+
+    @classmethod
+    def build(cls, gm: fx.GraphModule) -> "SiteIndex":
+        sites, anchors = find_sites(gm)
+        sites = _assign_roles(sites, anchors)
+        return cls(gm, sites, anchors)
+
+    def by_key(self, key: str) -> Site:
+        for site in self.sites:
+            if site.key == key:
+                return site
+        raise KeyError(key)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.sites if s.layer is not None})
+
+
+def _assign_roles(sites: list[Site], anchors: dict[str, list[fx.Node]]) -> list[Site]:
+    roles = {s.key: s.role or (_name_role(s.path) if s.kind in LINEAR_KINDS and not s.part else None)
+             for s in sites}
+    # Structural completion: projections feeding attention, for hand-written or unusually named models.
+    by_node = {id(node): s for s in sites for node in anchors[s.key] if s.kind in LINEAR_KINDS}
+    for site in sites:
+        if site.kind != "attention":
+            continue
+        for node in anchors[site.key]:
+            for index, role in enumerate("qkv"):
+                source = _walk_back(node.args[index])
+                owner = by_node.get(id(source))
+                if owner is not None and roles.get(owner.key) is None:
+                    roles[owner.key] = role
+            for user in _walk_forward(node):
+                owner = by_node.get(id(user))
+                if owner is not None and roles.get(owner.key) is None:
+                    roles[owner.key] = "o"
+    fused = {s.path for s in sites if s.part}
+    return [dataclasses.replace(s, role=None if (s.path in fused and not s.part) else roles[s.key])
+            for s in sites]
+
+
+@dataclass
+class Selection:
+    """The sites one graft call selects, and why: a dry run users can print."""
+
+    call: GraftCall
+    sites: list[Site]
+    matched: dict[str, list[str]]  # target text -> site keys
+
+    def __str__(self) -> str:
+        lines = [f"{self.call.text}: {len(self.sites)} site(s)"]
+        lines += [f"  {site.describe()}" for site in self.sites]
+        return "\n".join(lines)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+
+def _alias_sites(alias: str, sites: Sequence[Site], kinds: Iterable[str]) -> list[Site]:
+    kinds = set(kinds)
+    wanted = ALIASES[alias]
+    out = []
+    for site in sites:
+        if site.kind not in kinds:
+            continue
+        if "kind:linear-all" in wanted:
+            hit = site.kind in LINEAR_KINDS and not site.part and site.role != "lm_head"
+        elif "kind:conv2d" in wanted:
+            hit = site.kind == "conv2d"
+        elif "kind:attention" in wanted:
+            hit = site.kind == "attention"
+        else:
+            hit = site.role in wanted
+        if hit:
+            out.append(site)
+    return out
+
+
+def _pattern_sites(target: Target, sites: Sequence[Site]) -> list[Site]:
+    if target.kind == "regex":
+        pattern = re.compile(target.text)
+        return [s for s in sites if pattern.fullmatch(s.path) or pattern.fullmatch(s.key)]
+    if target.kind == "glob":
+        return [s for s in sites if fnmatch.fnmatchcase(s.path, target.text) or
+                fnmatch.fnmatchcase(s.key, target.text)]
+    name = target.text
+    return [s for s in sites if s.key == name or s.path == name or s.path.endswith("." + name)
+            or s.key.endswith("." + name)]
+
+
+def resolve_targets(call: GraftCall, index: SiteIndex, kinds: Iterable[str],
+                    layers: Sequence[int] | None = None) -> Selection:
+    """Resolve a call's targets to sites; unknown or empty targets raise with the nearest names."""
+    kinds = tuple(kinds)
+    candidates = [s for s in index.sites if s.kind in kinds]
+    chosen: dict[str, Site] = {}
+    matched: dict[str, list[str]] = {}
+    for target in call.targets:
+        if target.kind == "name" and target.text in ALIASES:
+            hits = _alias_sites(target.text, candidates, kinds)
+            if not hits:
+                found = sorted({s.role or s.kind for s in index.sites if s.kind in kinds}) or ["nothing"]
+                raise call.error(
+                    f"alias {target.text!r} matches no {'/'.join(kinds)} site in this model; "
+                    f"it has: {', '.join(found)}. Name modules with a quoted glob or re:\"...\"",
+                    target.column)
+        else:
+            hits = _pattern_sites(target, candidates)
+            if not hits:
+                names = list(ALIASES) + [s.path for s in candidates] + [s.path.rsplit(".", 1)[-1] for s in candidates]
+                what = "alias or module" if target.kind == "name" else "module"
+                raise call.error(
+                    f"target {target.text!r} matches no {what} that {call.method} can graft "
+                    f"({'/'.join(kinds)}); nearest: {near_names(target.text, names)}",
+                    target.column)
+        matched[target.text] = [s.key for s in hits]
+        for site in hits:
+            chosen.setdefault(site.key, site)
+    sites = [s for s in index.sites if s.key in chosen]
+    if layers is not None:
+        sites = [s for s in sites if s.layer in set(layers)]
+    return Selection(call, sites, matched)
+
+
+def select(model_or_graph: nn.Module | fx.GraphModule, spec: str, example_inputs=None) -> list[Selection]:
+    """The sites each graft of ``spec`` would touch, without changing anything (a dry run)."""
+    from .grafted import Grafted
+    from .registry import get_method
+    from .trace import trace
+
+    if isinstance(model_or_graph, Grafted):
+        gm = model_or_graph.base_graph_module
+    elif isinstance(model_or_graph, fx.GraphModule):
+        gm = model_or_graph
+    else:
+        gm = trace(model_or_graph, example_inputs).graph_module
+    index = SiteIndex.build(gm)
+    out = []
+    for call in parse_spec(spec):
+        method = get_method(call)
+        config = method.configure(call, index)
+        out.append(method.select(call, index, config))
+    return out

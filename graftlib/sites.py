@@ -1,0 +1,197 @@
+"""Sites: the places in a graph a pass may rewrite, found by op and weight, named by module path.
+
+Discovery is pure: it reads the graph and changes nothing. A site is keyed by its module path (the
+weight's owner, relative to the traced root) plus, for fused projections, the part it covers
+(``h.0.attn.c_attn[q]``). Node names are never used as ids: they renumber on every trace.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["Site", "find_sites", "site_from_key", "weight_value"]
+
+aten = torch.ops.aten
+
+#: ops that only move or view data; walked through when relating projections to attention.
+SHAPE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.contiguous.default, aten.clone.default, aten.unsqueeze.default,
+    aten.expand.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten.alias.default,
+}
+LINEAR_KINDS = ("linear", "conv1d")
+FUSED_NAME = re.compile(r"(c_attn|qkv|qkv_proj|Wqkv|query_key_value|in_proj)$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One rewritable place: a projection, convolution, embedding lookup or attention call."""
+
+    path: str                 # module path that owns the weight, e.g. "encoder.layer.0.attention.self.query"
+    kind: str                 # "linear" | "conv1d" | "conv2d" | "embedding" | "attention"
+    weight: str | None        # get_attr target of the weight
+    in_features: int          # input features / channels / vocabulary size
+    out_features: int         # output features / channels / embedding dim
+    part: str | None = None   # "q" | "k" | "v" for a slice of a fused projection
+    span: tuple[int, int] | None = None  # output columns covered by `part`
+    role: str | None = None   # semantic role: q k v o up down gate embed lm_head
+    layer: int | None = None
+    module_class: str = ""
+    conv: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}[{self.part}]" if self.part else self.path
+
+    def describe(self) -> str:
+        part = f"[{self.part} {self.span[0]}:{self.span[1]}]" if self.part and self.span else ""
+        shape = f"{self.in_features}->{self.out_features}"
+        role = f" ({self.role})" if self.role else ""
+        return f"{self.path}{part}  {self.kind} {shape}{role}"
+
+
+def _module_class(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return str(list(stack.values())[-1][1]).rsplit(".", 1)[-1]
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def weight_value(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _layer_of(path: str) -> int | None:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(match.group(1)) if match else None
+
+
+def _owner(target: str) -> str:
+    return target.rsplit(".", 1)[0] if "." in target else ""
+
+
+def _walk_back(node: Any) -> Any:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in SHAPE_OPS:
+        node = node.args[0]
+    return node
+
+
+def _walk_forward(node: fx.Node) -> list[fx.Node]:
+    """Users of `node` reached through shape ops only."""
+    out, frontier = [], [node]
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user.op == "call_function" and user.target in SHAPE_OPS:
+                frontier.append(user)
+            else:
+                out.append(user)
+    return out
+
+
+def _linear_like(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, int, int] | None:
+    """(kind, weight target, in, out) when `node` is a projection with a stored weight."""
+    if node.target == aten.linear.default:
+        weight = node.args[1]
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            out_f, in_f = weight_value(gm, weight.target).shape
+            return "linear", weight.target, in_f, out_f
+    if node.target == aten.addmm.default:
+        weight = node.args[2]
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            in_f, out_f = weight_value(gm, weight.target).shape
+            return "conv1d", weight.target, in_f, out_f
+    return None
+
+
+def _fused_parts(anchor: fx.Node, out_features: int) -> list[tuple[str, int, int, fx.Node]]:
+    """For a fused q/k/v projection split three ways on its last dim: (part, start, stop, getitem)."""
+    for user in _walk_forward(anchor):
+        if user.target not in (aten.split.Tensor, aten.split_with_sizes.default):
+            continue
+        dim = user.args[2] if len(user.args) > 2 else user.kwargs.get("dim", 0)
+        rank = len(user.args[0].meta["val"].shape) if "val" in user.args[0].meta else None
+        if rank is None or dim not in (-1, rank - 1):
+            continue
+        sizes = user.args[1]
+        if isinstance(sizes, int):
+            sizes = [sizes] * (out_features // sizes)
+        if len(sizes) != 3 or sum(sizes) != out_features:
+            continue
+        getitems = {g.args[1]: g for g in user.users if g.target is operator.getitem}
+        parts, start = [], 0
+        for index, (name, size) in enumerate(zip("qkv", sizes)):
+            if index in getitems:
+                parts.append((name, start, start + size, getitems[index]))
+            start += size
+        return parts
+    return []
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]]:
+    """Every candidate site of the graph, in graph order, with the nodes it anchors at.
+
+    A module called more than once (shared layers, tied embeddings) is one site with several anchors.
+    """
+    sites: list[Site] = []
+    anchors: dict[str, list[fx.Node]] = {}
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+
+    def add(site: Site, node: fx.Node) -> None:
+        if site.key not in anchors:
+            sites.append(site)
+            anchors[site.key] = []
+        anchors[site.key].append(node)
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or (node.meta.get("custom") or {}).get("graft"):
+            continue
+        linear = _linear_like(gm, node)
+        if linear is not None:
+            kind, weight, in_f, out_f = linear
+            path = _owner(weight)
+            common = dict(layer=_layer_of(path), module_class=_module_class(node))
+            add(Site(path, kind, weight, in_f, out_f, **common), node)
+            if FUSED_NAME.search(path):
+                for part, start, stop, getitem in _fused_parts(node, out_f):
+                    add(Site(path, kind, weight, in_f, stop - start, part, (start, stop), part, **common),
+                        getitem)
+        elif node.target == aten.conv2d.default and getattr(node.args[1], "op", "") == "get_attr":
+            weight = node.args[1].target
+            out_c, in_per_group, *kernel = weight_value(gm, weight).shape
+            args = list(node.args) + [None] * (7 - len(node.args))
+            conv = dict(kernel=tuple(kernel), stride=args[3] or [1, 1], padding=args[4] or [0, 0],
+                        dilation=args[5] or [1, 1], groups=args[6] or 1)
+            add(Site(_owner(weight), "conv2d", weight, in_per_group * conv["groups"], out_c,
+                     layer=_layer_of(weight), module_class=_module_class(node), conv=conv), node)
+        elif node.target == aten.embedding.default and getattr(node.args[0], "op", "") == "get_attr":
+            weight = node.args[0].target
+            vocab, dim = weight_value(gm, weight).shape
+            role = "embed" if _walk_back(node.args[1]) in placeholders else None
+            add(Site(_owner(weight), "embedding", weight, vocab, dim, role=role,
+                     layer=_layer_of(_owner(weight)), module_class=_module_class(node)), node)
+        elif node.target == aten.scaled_dot_product_attention.default:
+            path = _module_path(node)
+            query = node.args[0].meta.get("val")
+            heads_dim = tuple(query.shape[-1:]) if query is not None else (0,)
+            add(Site(path, "attention", None, int(heads_dim[0]), int(heads_dim[0]),
+                     layer=_layer_of(path), module_class=_module_class(node)), node)
+    return sites, anchors
+
+
+def site_from_key(sites: list[Site], key: str) -> Site | None:
+    return next((s for s in sites if s.key == key), None)

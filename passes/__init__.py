@@ -1,0 +1,1 @@
+"""graftlib's rewrite passes, one method per module (installed as ``graftlib.passes``)."""

@@ -1,0 +1,134 @@
+"""LoRA: a low-rank branch beside a projection, convolution or embedding lookup.
+
+    linear(x, W, b)          ->  linear(x, W, b) + s * linear(linear(dropout(x), A), B)
+    addmm(b, x, W)  (Conv1D) ->  addmm(b, x, W) + s * linear(linear(dropout(x), A), B)
+    conv2d(x, W, ...)        ->  conv2d(x, W, ...) + s * conv2d(conv2d(dropout(x), A, ...), B 1x1)
+    embedding(E, i)          ->  embedding(E, i) + s * linear(embedding(A^T, i), B)
+
+with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Initialisation follows PEFT: A kaiming-uniform
+(a = sqrt 5) and B zero for linear and conv; for embeddings A is zero and B normal. The branch starts as
+an exact zero, so the grafted model equals the base model until B (or A) is trained. A slice of a fused
+projection (GPT-2 ``c_attn[q]``) gets its branch on that slice only. Grouped convolutions get one rank-r
+factorisation per group (A: ``groups`` blocks of r channels, B: grouped 1x1).
+
+Merge: ``W += s * B @ A`` (Conv1D stores W as (in, out): ``W += (s * B @ A)^T``; conv:
+``einsum('or,rikl->oikl')`` per group; embedding: ``E += (s * B @ A)^T``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftlib.editor import Editor
+from graftlib.registry import Method, Option, in_range, positive, register
+from graftlib.sites import Site, _walk_back
+from graftlib.spec import GraftCall
+
+__all__ = ["LoRA", "lora_scale", "lora_delta"]
+
+aten = torch.ops.aten
+
+
+def lora_scale(config: dict[str, Any]) -> float:
+    r, alpha = config["r"], config["alpha"]
+    alpha = float(r) if alpha is None else alpha
+    return alpha / math.sqrt(r) if config["rslora"] else alpha / r
+
+
+def _kaiming(shape: tuple[int, ...]) -> torch.Tensor:
+    weight = torch.empty(shape)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+def lora_delta(site: Site, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The weight change of one LoRA branch, in the stored weight's layout (its span for parts)."""
+    if site.kind == "conv2d":
+        groups = site.conv["groups"]
+        r = a.shape[0] // groups
+        out_per_group = b.shape[0] // groups
+        blocks = [torch.einsum("or,rikl->oikl", b[g * out_per_group:(g + 1) * out_per_group, :, 0, 0],
+                               a[g * r:(g + 1) * r]) for g in range(groups)]
+        return scale * torch.cat(blocks, dim=0)
+    delta = scale * (b @ a)  # (out, in) for linear; (dim, vocab) for embedding
+    if site.kind in ("conv1d", "embedding"):
+        return delta.T
+    return delta
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    site_kinds = ("linear", "conv1d", "conv2d", "embedding")
+    mergeable = True
+    options = {
+        "r": Option(8, (int,), positive, help="rank"),
+        "alpha": Option(None, (float,), positive, help="scale numerator (default: r)"),
+        "dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="dropout on the branch input"),
+        "rslora": Option(False, (bool,), help="scale alpha/sqrt(r) instead of alpha/r"),
+    }
+
+    def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
+        if site.kind == "conv2d" and (site.out_features % site.conv["groups"]):
+            raise call.error(f"cannot graft lora on {site.path}: its {site.out_features} output channels "
+                             f"do not split into {site.conv['groups']} groups")
+
+    def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
+        anchor, r = editor.anchor, config["r"]
+        scale = lora_scale(config)
+        if site.kind == "embedding":
+            indices = anchor.args[1]
+            a = editor.param("lora_embedding_A", lambda: torch.zeros(r, site.in_features))
+            b = editor.param("lora_embedding_B", lambda: torch.randn(site.out_features, r))
+            padding_idx = anchor.args[2] if len(anchor.args) > 2 else -1
+            low = editor.call(aten.embedding.default, editor.call(aten.t.default, a), indices, padding_idx)
+            delta = editor.call(aten.linear.default, low, b)
+        elif site.kind == "conv2d":
+            conv = site.conv
+            groups = conv["groups"]
+            x = self._dropout(editor, anchor.args[0], config)
+            a = editor.param("lora_A", lambda: _kaiming((r * groups, site.in_features // groups, *conv["kernel"])))
+            b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r, 1, 1))
+            low = editor.call(aten.conv2d.default, x, a, None, conv["stride"], conv["padding"],
+                              conv["dilation"], groups)
+            delta = editor.call(aten.conv2d.default, low, b, None, [1, 1], [0, 0], [1, 1], groups)
+        else:
+            x = self._branch_input(anchor, site)
+            x = self._dropout(editor, x, config)
+            a = editor.param("lora_A", lambda: _kaiming((r, site.in_features)))
+            b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r))
+            delta = editor.call(aten.linear.default, editor.call(aten.linear.default, x, a), b)
+        scaled = editor.call(aten.mul.Tensor, delta, scale)
+        base = editor.value_at(anchor)
+        editor.join(base, aten.add.Tensor, base, scaled)
+
+    @staticmethod
+    def _branch_input(anchor: Any, site: Site) -> Any:
+        if site.part is None:
+            return anchor.args[1] if site.kind == "conv1d" else anchor.args[0]
+        # a slice of a fused projection: anchor is getitem(split(view(op(x)))); find op's input
+        # at the slice's rank so the branch output lines up with the slice without reshaping
+        split = anchor.args[0]
+        fused = _walk_back(split.args[0])
+        x = fused.args[1] if site.kind == "conv1d" else fused.args[0]
+        rank = len(anchor.meta["val"].shape) if "val" in anchor.meta else None
+        while rank is not None and "val" in x.meta and len(x.meta["val"].shape) != rank \
+                and x.target in (aten.view.default, aten.reshape.default):
+            x = x.args[0]
+        return x
+
+    @staticmethod
+    def _dropout(editor: Editor, x: Any, config: dict[str, Any]) -> Any:
+        if config["dropout"] > 0:
+            return editor.call(aten.dropout.default, x, config["dropout"], True)
+        return x
+
+    def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
+        if site.kind == "embedding":
+            a, b = params["lora_embedding_A"], params["lora_embedding_B"]
+        else:
+            a, b = params["lora_A"], params["lora_B"]
+        return lora_delta(site, a.detach(), b.detach(), lora_scale(config))
