@@ -244,10 +244,84 @@ class Grafted(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
+    def train_only(self, selector: str = "adapters") -> dict[str, nn.Parameter]:
+        """Freeze everything except the selected adapter parameters; returns what trains.
+
+        ``"adapters"`` (every adapter), ``"adapters:a,b"`` (those adapters), a method name
+        (``"fusion"``, ``"lora"``: every adapter of that method) or an adapter name.
+        """
+        if selector == "adapters":
+            chosen = set(self.adapters)
+        elif selector.startswith("adapters:"):
+            chosen = {n.strip() for n in selector.split(":", 1)[1].split(",") if n.strip()}
+            self._check_names(chosen)
+        elif selector in self.adapters:
+            chosen = {selector}
+        else:
+            chosen = {r.adapter for r in self.records if r.method == selector}
+            if not chosen:
+                options = list(self.adapters) + sorted({r.method for r in self.records}) + ["adapters"]
+                raise GraftError(f"train_only({selector!r}) selects nothing; try: {near_names(selector, options)}")
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for name in chosen:
+            for param in self.store[name].parameters():
+                param.requires_grad_(True)
+        return self.trainable_parameters()
+
+    def _delegate(self, hook: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``Method.<hook>(self, record, ...)`` for every adapter whose method defines it."""
+        results = []
+        for record in list(self.records):
+            method = get_method(record.method)
+            if hasattr(method, hook):
+                results.append(getattr(method, hook)(self, record, *args, **kwargs))
+        return results
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Sum of the adapters' regularisers (AdaLoRA's orthogonality penalty); 0 when none."""
+        terms = self._delegate("regularization_loss")
+        return sum(terms, torch.zeros(())) if terms else torch.zeros(())
+
+    def update_and_allocate(self, step: int) -> None:
+        """AdaLoRA rank allocation, to call after ``loss.backward()`` every step."""
+        if not self._delegate("update_and_allocate", step):
+            raise GraftError("update_and_allocate needs an adalora(...) graft; this module has none")
+
+    def rank_allocation(self) -> Any:
+        """Kept rank per site for AdaLoRA adapters."""
+        results = self._delegate("rank_allocation")
+        if not results:
+            raise GraftError("rank_allocation needs an adalora(...) graft; this module has none")
+        return results[0] if len(results) == 1 else results
+
+    def combine(self, weights: dict[str, float], how: str = "cat", rank: int | None = None,
+                name: str = "combined") -> str:
+        """Combine LoRA adapters into a new adapter `name` (see graftlib.combine)."""
+        from .combine import combine
+
+        return combine(self, weights, how=how, rank=rank, name=name)
+
+    def save_peft(self, directory: str, adapter: str | None = None) -> None:
+        """Write `adapter` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from .peft import save_peft
+
+        save_peft(self, directory, adapter=adapter)
+
+    def diff(self, other: Any = None) -> Any:
+        """What the passes inserted: ``graftlib.diff(base, self)`` (or against `other`)."""
+        from .diff import diff
+
+        return diff(self.base_graph_module if other is None else other, self)
+
     # -- calling ---------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if args:
             kwargs = self._bind(args, kwargs)
+        if adapter_names is not None:  # one adapter (or "__base__") per batch row
+            from .mixed import mixed_forward
+
+            return mixed_forward(self, kwargs, adapter_names)
         inputs = {k: v for k, v in kwargs.items() if v is not None}
         constants = self._traced.constants
         for key, value in constants.items():
@@ -273,8 +347,8 @@ class Grafted(nn.Module):
         if not self.retraceable:
             raise GraftError(
                 f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(key))}); "
-                "it cannot re-trace (it was merged or loaded without its model): call it with the traced "
-                "inputs, or graft again with example_inputs that include the others")
+                "a merged module cannot re-trace: call it with the traced inputs, or graft with "
+                "example_inputs that include the others before merging")
         traced = trace(self._model, dict(inputs), dynamic=self._traced.dynamic)
         variant = Grafted(traced, self._model)
         _adopt_parameters(variant.graph_module, self.graph_module)

@@ -181,7 +181,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
         elif node.target == aten.embedding.default and getattr(node.args[0], "op", "") == "get_attr":
             weight = node.args[0].target
             vocab, dim = weight_value(gm, weight).shape
-            role = "embed" if _walk_back(node.args[1]) in placeholders else None
+            source = _walk_back(node.args[1])
+            role = "embed" if source in placeholders and "input_ids" in source.name else None
             add(Site(_owner(weight), "embedding", weight, vocab, dim, role=role,
                      layer=_layer_of(_owner(weight)), module_class=_module_class(node)), node)
         elif node.target == aten.scaled_dot_product_attention.default:

@@ -77,7 +77,7 @@ def example_inputs_for(model: nn.Module, batch: int = BATCH, seq: int = SEQ) -> 
         inputs["input_ids"] = torch.randint(1, max(vocab, 2), (batch, seq), generator=generator)
         if "attention_mask" in params:
             inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-        if "token_type_ids" in params and getattr(text_cfg, "type_vocab_size", 0):
+        if "token_type_ids" in params and getattr(text_cfg, "type_vocab_size", 0) > 1:
             inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if "pixel_values" in params:
         size = getattr(vision_cfg, "image_size", 32)
@@ -126,8 +126,6 @@ def _dynamic_shapes(kwargs: Mapping[str, Any], dynamic: bool) -> dict[str, Any] 
     for name, value in kwargs.items():
         if not isinstance(value, torch.Tensor):
             shapes[name] = None
-        elif name in ("pixel_values", "input_features"):
-            shapes[name] = {0: Dim.AUTO}
         else:
             shapes[name] = {axis: Dim.AUTO for axis in range(value.dim())}
     return shapes
