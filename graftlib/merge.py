@@ -35,8 +35,9 @@ def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
     return [_walk_back(a.args[0].args[0]) if site.part else a for a in anchors]
 
 
-def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> dict[str, tuple[Site, torch.Tensor]]:
-    deltas: dict[str, tuple[Site, torch.Tensor]] = {}
+def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
+    """Module path -> (its sites, summed delta in the stored weight's layout)."""
+    deltas: dict[str, tuple[list[Site], torch.Tensor]] = {}
     for name in names:
         record = grafted.adapters[name]
         method = get_method(record.method)
@@ -45,7 +46,7 @@ def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> di
             site = index.by_key(key)
             delta = method.delta(site, tensors[key], record.config)
             weight = weight_value(grafted.graph_module, site.weight)
-            full = deltas[site.weight][1] if site.weight in deltas else torch.zeros_like(weight)
+            sites, full = deltas.get(site.path, ([], torch.zeros_like(weight)))
             if site.span is None:
                 full += delta
             elif site.kind == "conv1d":
@@ -55,13 +56,18 @@ def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> di
             if not torch.isfinite(delta).all() or not torch.isfinite(weight.detach() + full).all():
                 raise GraftError(f"merging adapter {name!r} into {key} gives non-finite weights; "
                                  "nothing was merged (check the adapter's parameters for inf/nan)")
-            deltas[site.weight] = (site, full)
+            deltas[site.path] = (sites + [site], full)
     return deltas
 
 
 def _shared_elsewhere(graph: fx.Graph, target: str, ops: list[fx.Node]) -> bool:
     readers = {user for n in graph.nodes if n.op == "get_attr" and n.target == target for user in n.users}
     return bool(readers - set(ops))
+
+
+def _site_group_ops(graph: fx.Graph, index: SiteIndex, sites: list[Site]) -> list[fx.Node]:
+    anchors = _anchors_in(graph, index)
+    return list(dict.fromkeys(op for site in sites for op in site_ops(site, anchors.get(site.key, []))))
 
 
 def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
@@ -76,28 +82,36 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
                                  "it stays as graph nodes and exports as such")
     index = SiteIndex.build(grafted.graph_module)
     deltas = _weight_deltas(grafted, names, index)
+    if inplace:
+        for path, (sites, _) in deltas.items():
+            ops = _site_group_ops(grafted.graph, index, sites)
+            if _shared_elsewhere(grafted.graph, sites[0].weight, ops):
+                raise GraftError(f"cannot merge in place into {path}: its weight {sites[0].weight} is tied to "
+                                 "another module, which would change too; use merge(inplace=False)")
     target = grafted if inplace else grafted._derived(copy_graph(grafted.graph))
     graph = target.graph
     gm = target.graph_module
     with torch.no_grad():
-        for weight_name, (site, delta) in deltas.items():
+        for path, (sites, delta) in deltas.items():
+            weight_name = sites[0].weight
             weight = weight_value(gm, weight_name)
             if inplace:
                 weight.add_(delta)
                 continue
             merged = nn.Parameter(weight.detach() + delta, requires_grad=False)
-            ops = site_ops(site, _anchors_in(graph, index).get(site.key, []))
-            if _shared_elsewhere(graph, weight_name, ops):
-                weight_name = weight_name + "_merged"
+            ops = _site_group_ops(graph, index, sites)
+            tied = _shared_elsewhere(graph, weight_name, ops)
+            if tied:
+                weight_name = f"{path}.{weight_name.rsplit('.', 1)[-1]}_merged"
+            owner, _, leaf = weight_name.rpartition(".")
+            _ensure_module(gm, owner)._parameters[leaf] = merged
+            if tied:
                 for op in ops:
                     with graph.inserting_before(op):
                         getter = graph.get_attr(weight_name)
                     args = list(op.args)
                     args[_WEIGHT_ARG[op.target]] = getter
                     op.args = tuple(args)
-            owner, _, leaf = weight_name.rpartition(".")
-            module = _ensure_module(gm, owner)
-            module._parameters[leaf] = merged
     deactivate(graph, [a for a in grafted.adapters if a not in names])
     graph.eliminate_dead_code()
     for name in names:

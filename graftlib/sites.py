@@ -84,6 +84,23 @@ def _owner(target: str) -> str:
     return target.rsplit(".", 1)[0] if "." in target else ""
 
 
+def _has_attr(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        weight_value(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _site_path(gm: fx.GraphModule, node: fx.Node, weight: str) -> str:
+    """The calling module's path; differs from the weight's owner for tied weights (T5 embed_tokens)."""
+    owner, leaf = _owner(weight), weight.rsplit(".", 1)[-1]
+    calling = _module_path(node)
+    if calling and calling != owner and _has_attr(gm, f"{calling}.{leaf}"):
+        return calling
+    return owner
+
+
 def _walk_back(node: Any) -> Any:
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in SHAPE_OPS:
         node = node.args[0]
@@ -163,7 +180,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
         linear = _linear_like(gm, node)
         if linear is not None:
             kind, weight, in_f, out_f = linear
-            path = _owner(weight)
+            path = _site_path(gm, node, weight)
             common = dict(layer=_layer_of(path), module_class=_module_class(node))
             add(Site(path, kind, weight, in_f, out_f, **common), node)
             if FUSED_NAME.search(path):
@@ -176,15 +193,17 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
             args = list(node.args) + [None] * (7 - len(node.args))
             conv = dict(kernel=tuple(kernel), stride=args[3] or [1, 1], padding=args[4] or [0, 0],
                         dilation=args[5] or [1, 1], groups=args[6] or 1)
-            add(Site(_owner(weight), "conv2d", weight, in_per_group * conv["groups"], out_c,
-                     layer=_layer_of(weight), module_class=_module_class(node), conv=conv), node)
+            path = _site_path(gm, node, weight)
+            add(Site(path, "conv2d", weight, in_per_group * conv["groups"], out_c,
+                     layer=_layer_of(path), module_class=_module_class(node), conv=conv), node)
         elif node.target == aten.embedding.default and getattr(node.args[0], "op", "") == "get_attr":
             weight = node.args[0].target
             vocab, dim = weight_value(gm, weight).shape
             source = _walk_back(node.args[1])
             role = "embed" if source in placeholders and "input_ids" in source.name else None
-            add(Site(_owner(weight), "embedding", weight, vocab, dim, role=role,
-                     layer=_layer_of(_owner(weight)), module_class=_module_class(node)), node)
+            path = _site_path(gm, node, weight)
+            add(Site(path, "embedding", weight, vocab, dim, role=role,
+                     layer=_layer_of(path), module_class=_module_class(node)), node)
         elif node.target == aten.scaled_dot_product_attention.default:
             path = _module_path(node)
             query = node.args[0].meta.get("val")
