@@ -141,6 +141,8 @@ class Grafted(nn.Module):
         self.training = mode
         for variant in self._variants.values():
             variant.train(mode)
+        if self.records:
+            self.runtime_module()  # built now, so forward (and torch.compile) only looks it up
         return self
 
     # -- adding grafts ---------------------------------------------------------------------------
@@ -199,6 +201,7 @@ class Grafted(nn.Module):
         self.graph.lint()
         self.graph_module.recompile()
         self._invalidate()
+        self.runtime_module()
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
@@ -221,11 +224,13 @@ class Grafted(nn.Module):
         names = (names,) if isinstance(names, str) else tuple(names)
         self._check_names(names)
         self._active = tuple(dict.fromkeys(names))
+        self.runtime_module()
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator["Grafted"]:
         saved = self._active
         self._active = ()
+        self.runtime_module()
         try:
             yield self
         finally:
