@@ -150,7 +150,7 @@ class Editor:
         """A get_attr node for this adapter's parameter `name` at this site (created by `init` once)."""
         holder = self.store.site_params(self.adapter, self.site.key)
         if not hasattr(holder, name):
-            value = init()
+            value = self._like_base(init())
             if trainable:
                 holder.register_parameter(name, nn.Parameter(value))
             else:
@@ -162,6 +162,20 @@ class Editor:
         if fake_mode is not None:
             node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
         return self._tag(node, "param", param=name)
+
+    def _like_base(self, value: torch.Tensor) -> torch.Tensor:
+        """New parameters live on the base weight's device, in its floating dtype."""
+        reference = None
+        if self.site.weight:
+            from .sites import weight_value
+
+            reference = weight_value(self.gm, self.site.weight)
+        else:
+            reference = next(iter(self.gm.parameters()), None)
+        if reference is None:
+            return value
+        dtype = reference.dtype if reference.is_floating_point() and value.is_floating_point() else value.dtype
+        return value.to(device=reference.device, dtype=dtype)
 
     def call(self, op: Any, *args: Any, role: str = "branch", **kwargs: Any) -> fx.Node:
         node = self._insert(lambda: self.graph.call_function(op, tuple(args), dict(kwargs)))

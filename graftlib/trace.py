@@ -93,6 +93,8 @@ def example_inputs_for(model: nn.Module, batch: int = BATCH, seq: int = SEQ) -> 
         inputs["decoder_input_ids"] = torch.randint(1, vocab, (batch, DEC_SEQ), generator=generator)
     if "use_cache" in params:
         inputs["use_cache"] = False
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     if not any(isinstance(v, torch.Tensor) for v in inputs.values()):
         raise TraceError(
             f"could not synthesise inputs for {type(model).__name__} (main input {main!r}): "

@@ -1,6 +1,6 @@
 """LoRA: a low-rank branch beside a projection, convolution or embedding lookup.
 
-    linear(x, W, b)          ->  linear(x, W, b) + s * linear(linear(dropout(x), A), B)
+    linear(x, W, b)          ->  add(linear(x, W, b), linear(linear(dropout(x), A), B), alpha=s)
     addmm(b, x, W)  (Conv1D) ->  addmm(b, x, W) + s * linear(linear(dropout(x), A), B)
     conv2d(x, W, ...)        ->  conv2d(x, W, ...) + s * conv2d(conv2d(dropout(x), A, ...), B 1x1)
     embedding(E, i)          ->  embedding(E, i) + s * linear(embedding(A^T, i), B)
@@ -101,9 +101,8 @@ class LoRA(Method):
             a = editor.param("lora_A", lambda: _kaiming((r, site.in_features)))
             b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r))
             delta = editor.call(aten.linear.default, editor.call(aten.linear.default, x, a), b)
-        scaled = editor.call(aten.mul.Tensor, delta, scale)
         base = editor.value_at(anchor)
-        editor.join(base, aten.add.Tensor, base, scaled)
+        editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
     @staticmethod
     def _branch_input(anchor: Any, site: Site) -> Any:
