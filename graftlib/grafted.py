@@ -349,11 +349,19 @@ class Grafted(nn.Module):
         if variant is not None:
             return variant
         traced_with = ", ".join(sorted(set(self._traced.input_names) | self._traced.constants.keys()))
+        source = getattr(self, "_merged_from", None)
+        if source is not None:  # a merged module: trace its source for these inputs, merge the same way
+            grafted, names = source
+            variant = grafted._variant(inputs).merge(adapters=names)
+            variant.set_active(self._active)
+            variant.train(self.training)
+            self._variants[key] = variant
+            return variant
         if not self.retraceable:
             raise GraftError(
                 f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(key))}); "
-                "a merged module cannot re-trace: call it with the traced inputs, or graft with "
-                "example_inputs that include the others before merging")
+                "a module merged in place cannot re-trace: call it with the traced inputs, or graft "
+                "with example_inputs that include the others before merging")
         traced = trace(self._model, dict(inputs), dynamic=self._traced.dynamic)
         variant = Grafted(traced, self._model)
         _adopt_parameters(variant.graph_module, self.graph_module)

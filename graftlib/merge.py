@@ -120,6 +120,8 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
     target.records = [r for r in target.records if r.adapter not in names]
     target._active = tuple(a for a in target._active if a not in names)
     target.retraceable = False
+    if not inplace and (grafted.retraceable or getattr(grafted, "_merged_from", None) is None):
+        target._merged_from = (grafted, tuple(names))
     target._finish()
     return target
 

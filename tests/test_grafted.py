@@ -183,9 +183,14 @@ def test_positional_call_and_inputs_the_trace_did_not_see():
         assert torch.equal(out.loss, ref.loss)
         assert torch.equal(g(inputs["input_ids"], inputs["attention_mask"]).logits,
                            model(inputs["input_ids"], inputs["attention_mask"]).logits)
-    merged = g.merge()
-    with pytest.raises(graftlib.GraftError, match="merged module cannot re-trace"):
-        merged(**inputs, labels=labels)
+    with torch.no_grad():
+        _random_adapters(g)
+        merged = g.merge()
+        torch.testing.assert_close(merged(**inputs, labels=labels).loss, g(**inputs, labels=labels).loss,
+                                   atol=1e-5, rtol=1e-5)
+        g.merge(inplace=True)
+    with pytest.raises(graftlib.GraftError, match="merged in place cannot re-trace"):
+        g(**inputs, labels=torch.tensor([1, 1]), output_attentions=True)
 
 
 def test_untraceable_model_says_why_and_what_to_try():

@@ -1,0 +1,394 @@
+"""Benchmark graftlib against PEFT and the bare base model, side by side in one process.
+
+    python -m graftlib.tools.bench               # full run (bert-base + a Llama-shaped model), ~15 min
+    python -m graftlib.tools.bench --quick       # tiny models, a smoke run
+
+Contenders are interleaved (each repetition times every contender once, in rotating order) and the
+table reports medians and ratios. Memory and the 1B-scale apply run in fresh subprocesses so their
+peak RSS is theirs alone. Results: a markdown table on stdout and JSON in --json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["main", "Row"]
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    graftlib: float | None
+    peft: float | None = None
+    base: float | None = None
+    unit: str = "ms"
+    note: str = ""
+
+    @property
+    def vs_peft(self) -> float | None:
+        return self.graftlib / self.peft if self.graftlib and self.peft else None
+
+    @property
+    def vs_base(self) -> float | None:
+        return self.graftlib / self.base if self.graftlib and self.base else None
+
+
+@dataclass
+class Models:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    targets: list[str]
+    vocab: int
+    token_types: bool = False
+
+
+def _bert(quick: bool) -> Models:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig() if not quick else BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=128)
+    return Models("bert-base" if not quick else "bert-tiny", lambda: BertModel(cfg).eval(), ["query", "value"],
+                  cfg.vocab_size, token_types=True)
+
+
+def _llama(quick: bool) -> Models:
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=4, vocab_size=32000) if not quick else \
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1000)
+    return Models("llama-160m" if not quick else "llama-tiny", lambda: LlamaModel(cfg).eval(),
+                  ["q_proj", "v_proj"], cfg.vocab_size)
+
+
+def _inputs(m: "Models", batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """What the model's tokenizer would give: ids, mask (and token types for BERT)."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, m.vocab, (batch, seq), generator=gen),
+              "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if m.token_types:
+        inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
+    return inputs
+
+
+def _median_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def _randomise_lora(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+
+
+def _peft(model: torch.nn.Module, targets: list[str], r: int = 16):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0))
+
+
+def bench_apply(m: Models, reps: int) -> list[Row]:
+    import graftlib
+
+    model = m.build()
+    trace_t, apply_t, peft_t = [], [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        graftlib.trace(model)
+        trace_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        graftlib.apply(model, "lora(q,v,r=16)")
+        apply_t.append(time.perf_counter() - start)
+        fresh = copy.deepcopy(model)
+        start = time.perf_counter()
+        _peft(fresh, m.targets)
+        peft_t.append(time.perf_counter() - start)
+    med = lambda v: 1000 * statistics.median(v)  # noqa: E731
+    return [Row("1 apply", f"{m.name} lora(q,v,r=16), dynamic dims", med(apply_t), med(peft_t),
+                note=f"trace alone {med(trace_t):.0f} ms")]
+
+
+def _contenders(m: Models, merged: bool = False):
+    import graftlib
+
+    base = m.build()
+    g = graftlib.apply(base, "lora(q,v,r=16)").eval()
+    _randomise_lora(g)
+    peft_model = _peft(copy.deepcopy(base), m.targets).eval()
+    _randomise_lora(peft_model)
+    return base, g, peft_model
+
+
+def bench_forward(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]:
+    base, g, peft_model = _contenders(m)
+    merged = g.merge().eval()
+    rows = []
+    for batch, seq in shapes:
+        x = _inputs(m, batch, seq)
+        with torch.inference_mode():
+            t = _median_interleaved({"graftlib": lambda: g(**x), "peft": lambda: peft_model(**x),
+                                     "base": lambda: base(**x), "merged": lambda: merged(**x)}, reps)
+        rows.append(Row("2 forward, unmerged", f"{m.name} {batch}x{seq}", t["graftlib"], t["peft"], t["base"]))
+        rows.append(Row("4 forward, merged", f"{m.name} {batch}x{seq}", t["merged"], None, t["base"]))
+    return rows
+
+
+def _train_step(module, x, optimizer, embeds_grad: bool = False):
+    def step():
+        out = module(**x)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden.float().pow(2).mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(m: Models, shapes: list[tuple[int, int]], reps: int, compiled: bool = False) -> list[Row]:
+    base, g, peft_model = _contenders(m)
+    g.train()
+    peft_model.train()
+    for module in (base, peft_model.get_base_model()):
+        for mod in module.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0  # same work in every contender: dropout off everywhere
+    g_opt = torch.optim.AdamW(g.trainable_parameters().values(), lr=1e-4)
+    p_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    rows = []
+    g_run, p_run = g, peft_model
+    note = ""
+    if compiled:
+        g_run = torch.compile(g, fullgraph=True)
+        p_run = torch.compile(peft_model)
+        x = _inputs(m, *shapes[0])
+        start = time.perf_counter()
+        _train_step(g_run, x, g_opt)()
+        g_compile = time.perf_counter() - start
+        start = time.perf_counter()
+        _train_step(p_run, x, p_opt)()
+        p_compile = time.perf_counter() - start
+        rows.append(Row("5 torch.compile: compile time", f"{m.name} first train step", g_compile * 1000,
+                        p_compile * 1000, note="graftlib fullgraph=True"))
+    section = "5 torch.compile: train step" if compiled else "3 train step (fwd+bwd+AdamW)"
+    for batch, seq in shapes:
+        x = _inputs(m, batch, seq)
+        fns = {"graftlib": _train_step(g_run, x, g_opt), "peft": _train_step(p_run, x, p_opt)}
+        if not compiled:
+            fns["base"] = _base_backward(base, x)
+            note = "base = fwd+bwd of the frozen model (grad to the embeddings), no optimiser"
+        t = _median_interleaved(fns, reps, warmup=2 if not compiled else 3)
+        rows.append(Row(section, f"{m.name} {batch}x{seq}", t["graftlib"], t["peft"], t.get("base"), note=note))
+    return rows
+
+
+def _base_backward(base, x):
+    embeddings = base.get_input_embeddings()
+    for p in base.parameters():
+        p.requires_grad_(False)
+
+    def step():
+        embeds = embeddings(x["input_ids"]).detach().requires_grad_(True)
+        rest = {k: v for k, v in x.items() if k != "input_ids"}
+        out = base(inputs_embeds=embeds, **rest)
+        out.last_hidden_state.pow(2).mean().backward()
+    return step
+
+
+def bench_mixed(m: Models, shapes: list[tuple[int, int]], reps: int, n_adapters: int = 8) -> list[Row]:
+    import graftlib
+    from peft import LoraConfig
+
+    base = m.build()
+    spec = " + ".join(f"lora(q,v,r=16,name=a{i})" for i in range(n_adapters))
+    g = graftlib.apply(base, spec).eval()
+    _randomise_lora(g)
+    peft_model = _peft(copy.deepcopy(base), m.targets)
+    for i in range(n_adapters):
+        peft_model.add_adapter(f"a{i}", LoraConfig(r=16, lora_alpha=16, target_modules=m.targets))
+    _randomise_lora(peft_model)
+    peft_model.eval()
+    rows = []
+    for batch, seq in shapes:
+        x = _inputs(m, batch, seq)
+        names = [f"a{i % n_adapters}" for i in range(batch)]
+        with torch.inference_mode():
+            t = _median_interleaved({"graftlib": lambda: g(**x, adapter_names=names),
+                                     "peft": lambda: peft_model(**x, adapter_names=names),
+                                     "base": lambda: base(**x)}, reps)
+        rows.append(Row("5b mixed-adapter batch", f"{m.name} {batch}x{seq}, {n_adapters} adapters",
+                        t["graftlib"], t["peft"], t["base"]))
+    return rows
+
+
+def bench_onnx(m: Models, reps: int) -> list[Row]:
+    import onnxruntime as ort
+
+    import graftlib
+    from graftlib.export import export_onnx
+
+    base = m.build()
+    g = graftlib.apply(base, "lora(q,v,r=16)").eval()
+    _randomise_lora(g)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        export_onnx(g, os.path.join(tmp, "merged.onnx"), merge=True, verify=False, progress=False)
+        export_time = time.perf_counter() - start
+        export_onnx(graftlib.apply(base, "lora(q,r=1)").merge(), os.path.join(tmp, "base.onnx"), merge=True,
+                    verify=False, progress=False)
+        rows.append(Row("6 ONNX export (merged)", m.name, export_time * 1000, unit="ms"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        sessions = {k: ort.InferenceSession(os.path.join(tmp, f"{k}.onnx"), options) for k in ("merged", "base")}
+        x = {k: v.numpy() for k, v in _inputs(m, 8, 128).items()}
+        feeds = {k: {i.name: x[i.name] for i in s.get_inputs() if i.name in x} for k, s in sessions.items()}
+        t = _median_interleaved({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, reps)
+        rows.append(Row("6 onnxruntime latency", f"{m.name} 8x128, merged vs base export", t["merged"],
+                        base=t["base"]))
+    return rows
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time, torch
+    sys.path.insert(0, {root!r})
+    from graftlib.tools.bench import _bert, _llama
+    import graftlib
+    what, quick = sys.argv[1], sys.argv[2] == "1"
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (peak)
+    if what == "scale":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        layers = 2 if quick else 22
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+                          num_key_value_heads=4, vocab_size=32000)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        before = rss(); start = time.perf_counter()
+        graftlib.apply(model, "lora(q,v,r=16)")
+        print(json.dumps(dict(seconds=time.perf_counter() - start, peak_mib=rss(), before_mib=before, params=params)))
+    else:
+        model = _bert(quick).build()
+        base_peak = rss()
+        g = graftlib.apply(model, "lora(q,v,r=16)")
+        after_apply = rss()
+        if what == "merge":
+            g.merge(inplace=False)
+        print(json.dumps(dict(base=base_peak, apply=after_apply, final=rss())))
+""")
+
+
+def _subprocess_json(what: str, quick: bool) -> dict[str, Any]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _MEMORY_SCRIPT.format(root=root)
+    out = subprocess.run([sys.executable, "-c", script, what, "1" if quick else "0"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(quick: bool) -> list[Row]:
+    applied = _subprocess_json("apply", quick)
+    merged = _subprocess_json("merge", quick)
+    scale = _subprocess_json("scale", quick)
+    return [
+        Row("7 memory: peak RSS added by apply", "bert lora(q,v,r=16)", applied["apply"] - applied["base"],
+            unit="MiB", note=f"model alone {applied['base']:.0f} MiB"),
+        Row("7 memory: peak RSS added by merge(inplace=False)", "bert lora(q,v,r=16)",
+            merged["final"] - merged["apply"], unit="MiB"),
+        Row("8 scale: apply on a meta-device Llama", f"{scale['params'] / 1e9:.2f} B params",
+            scale["seconds"] * 1000, unit="ms", note=f"peak RSS {scale['peak_mib']:.0f} MiB"),
+    ]
+
+
+def to_markdown(rows: list[Row]) -> str:
+    lines = ["| section | case | graftlib | PEFT | base | graftlib/PEFT | graftlib/base | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    fmt = lambda v, unit: "" if v is None else f"{v:,.1f} {unit}"  # noqa: E731
+    ratio = lambda v: "" if v is None else f"x{v:.3f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r.section} | {r.case} | {fmt(r.graftlib, r.unit)} | {fmt(r.peft, r.unit)} | "
+                     f"{fmt(r.base, r.unit)} | {ratio(r.vs_peft)} | {ratio(r.vs_base)} | {r.note} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import transformers
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models and few repetitions (smoke run)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 15, quick 3)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    reps = args.reps or (3 if args.quick else 15)
+    only = set(args.only.split(","))
+    shapes = [(1, 16), (8, 128)] if not args.quick else [(1, 8), (2, 16)]
+    mixed_shapes = [(8, 16), (8, 128)] if not args.quick else [(8, 8)]
+    models = [_bert(args.quick), _llama(args.quick)]
+    rows: list[Row] = []
+    jobs: list[tuple[str, Callable[[], list[Row]]]] = []
+    for m in models:
+        jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))),
+                 ("forward", lambda m=m: bench_forward(m, shapes, reps)),
+                 ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2)))]
+    jobs += [("compile", lambda: bench_train(models[0], shapes, max(5, reps // 2), compiled=True)),
+             ("mixed", lambda: bench_mixed(models[0], mixed_shapes, reps)),
+             ("onnx", lambda: bench_onnx(models[0], reps)),
+             ("memory", lambda: bench_memory(args.quick))]
+    for section, job in jobs:
+        if section not in only:
+            continue
+        print(f"-- {section} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        rows += job()
+        print(f"   done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    table = to_markdown(rows)
+    print(f"Machine: {machine()}\n\n{table}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump({"machine": machine(), "quick": args.quick, "reps": reps,
+                   "rows": [asdict(r) | {"vs_peft": r.vs_peft, "vs_base": r.vs_base} for r in rows]}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
