@@ -138,15 +138,15 @@ def _alias_sites(alias: str, sites: Sequence[Site], kinds: Iterable[str]) -> lis
 
 
 def _pattern_sites(target: Target, sites: Sequence[Site]) -> list[Site]:
+    # A slice of a fused projection is named by its key only (h.0.attn.c_attn[q]): its bare path
+    # names the whole projection, a site of its own, so "c_attn" must not graft it four times.
     if target.kind == "regex":
         pattern = re.compile(target.text)
-        return [s for s in sites if pattern.fullmatch(s.path) or pattern.fullmatch(s.key)]
+        return [s for s in sites if pattern.fullmatch(s.key)]
     if target.kind == "glob":
-        return [s for s in sites if fnmatch.fnmatchcase(s.path, target.text) or
-                fnmatch.fnmatchcase(s.key, target.text)]
+        return [s for s in sites if fnmatch.fnmatchcase(s.key, target.text)]
     name = target.text
-    return [s for s in sites if s.key == name or s.path == name or s.path.endswith("." + name)
-            or s.key.endswith("." + name)]
+    return [s for s in sites if s.key == name or s.key.endswith("." + name)]
 
 
 def resolve_targets(call: GraftCall, index: SiteIndex, kinds: Iterable[str],
