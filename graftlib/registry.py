@@ -149,9 +149,15 @@ def _load_passes() -> None:
                 raise
 
 
+_LOADED: list[bool] = []
+
+
 def methods() -> dict[str, Method]:
-    if not _METHODS:
+    # a flag, not "if not _METHODS": importing one pass (or registering a method) first must not
+    # hide the others
+    if not _LOADED:
         _load_passes()
+        _LOADED.append(True)
     return _METHODS
 
 
