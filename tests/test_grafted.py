@@ -230,3 +230,19 @@ def test_dynamic_batch_and_sequence():
             with g.disable_adapters():
                 assert torch.equal(g(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
             assert g(**inputs).last_hidden_state.shape == (batch, seq, 32)
+
+
+def test_plain_module_with_positional_example_inputs():
+    model, inputs = build("convnet")
+    g = graftlib.apply(model, "lora(stem,r=2)", example_inputs=(inputs["pixel_values"],)).eval()
+    assert g.input_names == ("pixel_values",)
+    _random_adapters(g)
+    with torch.no_grad():
+        out = g(inputs["pixel_values"])
+        a, b = g.store.tensors("default")["stem"].values()
+        stem = model.stem
+        low = torch.nn.functional.conv2d(inputs["pixel_values"], a, None, stem.stride, stem.padding)
+        expected_stem = stem(inputs["pixel_values"]) + 2 / 2 * torch.nn.functional.conv2d(low, b)
+        x = torch.relu(model.bn(expected_stem))
+        x = torch.relu(model.grouped(torch.relu(model.dilated(x))))
+        torch.testing.assert_close(out, model.head(x.mean(dim=(2, 3))), atol=1e-5, rtol=1e-5)

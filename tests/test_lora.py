@@ -111,6 +111,12 @@ def test_lora(i):
     model, inputs, g = _case(i)
     g.graph.lint()
     assert len(g.sites()) == n_sites
+    base_names = {n.name for n in g.base_graph.nodes}
+    added = [n for n in g.graph.nodes if n.name not in base_names]
+    tags = [(n.meta.get("custom") or {}).get("graft") for n in added]
+    assert added and all(tags), "every inserted node carries a provenance tag"
+    assert {t["site"] for t in tags} == set(g.sites())
+    assert sum(t["role"] == "join" for t in tags) >= n_sites
     with torch.no_grad():
         base = _first(model(**inputs))
         assert torch.equal(_first(g(**inputs)), base), "zero-initialised branch must be exact"
