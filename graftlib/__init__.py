@@ -8,12 +8,13 @@ from __future__ import annotations
 from .errors import GraftError, GraftSpecError, LoadError, TraceError
 from .grafted import Grafted, GraftRecord, apply
 from .io import load, save
+from .peft import from_peft, save_peft  # also registers replace(...), which PEFT's modules_to_save load as
 from .select import select
 from .spec import parse_spec
 from .trace import Traced, example_inputs_for, trace
 
 __all__ = [
-    "apply", "trace", "select", "load", "save", "parse_spec", "example_inputs_for",
+    "apply", "trace", "select", "load", "save", "parse_spec", "example_inputs_for", "from_peft", "save_peft",
     "Grafted", "GraftRecord", "Traced",
     "GraftError", "GraftSpecError", "LoadError", "TraceError",
 ]
