@@ -23,6 +23,8 @@ compared with the grafted module in PyTorch (the unmerged original: the check co
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import os
@@ -48,7 +50,7 @@ from torch.utils import _pytree as pytree
 from .errors import GraftError
 from .grafted import Grafted
 from .registry import get_method
-from .runtime import build_module, copy_graph, specialise
+from .runtime import build_module, copy_graph, op_histogram, specialise
 from .trace import trace
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_TOLERANCE", "EXTERNAL_DATA_BYTES"]
@@ -175,18 +177,25 @@ def _as_grafted(module: nn.Module, example_inputs: Any, dynamic: bool) -> Grafte
 
 
 def _export_copy(g: Grafted, merge: bool) -> tuple[Grafted, list[str], list[str]]:
-    """A private eval-mode copy: merged (if asked) and with prompt encoders frozen to constants."""
-    merged_before = set(g.adapters)
+    """A private eval-mode copy: merged (if asked) and with prompt encoders frozen to constants.
+
+    Returns the copy, the adapters merged into weights and those whose ``freeze_for_export`` changed
+    the graph. Records are deep-copied first so a hook's bookkeeping stays on the copy.
+    """
     target = g.merge(inplace=False) if merge else g._derived(copy_graph(g.graph))
+    target.records = [dataclasses.replace(r, config=copy.deepcopy(r.config), extras=copy.deepcopy(r.extras))
+                      for r in target.records]
     target.eval()
     frozen = []
     for record in list(target.records):
         method = get_method(record.method)
         if hasattr(method, "freeze_for_export"):
+            before = op_histogram(target.graph)
             method.freeze_for_export(target, record)
-            frozen.append(record.adapter)
+            if op_histogram(target.graph) != before:
+                frozen.append(record.adapter)
     target._invalidate()
-    merged = sorted(merged_before - set(target.adapters))
+    merged = [a for a in g.adapters if a not in target.adapters]
     return target, merged, frozen
 
 
@@ -301,12 +310,20 @@ def _histogram(model: Any) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in model.graph.all_nodes()).items()))
 
 
-def _base_histogram(g: Grafted, kwargs: dict[str, Any], opset: int | None, dynamic: bool) -> dict[str, int]:
-    """ONNX ops of the base model (the unmodified trace, eval mode); cached per base graph."""
+def _base_histogram(g: Grafted, runtime: fx.GraphModule, ops: dict[str, int], kwargs: dict[str, Any],
+                    opset: int | None, dynamic: bool) -> dict[str, int]:
+    """ONNX ops of the base model (the unmodified trace, eval mode).
+
+    When the exported graph has the base graph's aten ops (everything merged) it translates to the
+    same ONNX ops, so the base is not exported again; otherwise it is, once per base graph (cached).
+    """
+    base_graph = specialise(g.base_graph, (), False)
     cache = _BASE_OPS.setdefault(g.base_graph, {})
     key = (opset, dynamic)
+    if op_histogram(base_graph) == op_histogram(runtime.graph):
+        return cache.setdefault(key, ops)
     if key not in cache:
-        base = build_module(g.graph_module, specialise(g.base_graph, (), False), False)
+        base = build_module(g.graph_module, base_graph, False)
         cache[key] = _histogram(_to_onnx(base, kwargs, opset, dynamic, None).model)
     return cache[key]
 
@@ -524,9 +541,9 @@ def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None
     output_names = _output_names(runtime, kwargs)
     with steps.step("export"):
         program = _to_onnx(runtime, kwargs, opset, dynamic, output_names)
-    with steps.step("base export"):
-        base_ops = _base_histogram(g, kwargs, opset, dynamic) if g.records else None
     ops = _histogram(program.model)
+    with steps.step("base ops"):
+        base_ops = _base_histogram(g, runtime, ops, kwargs, opset, dynamic)
     big = _weight_bytes(runtime) > EXTERNAL_DATA_BYTES if external_data is None else external_data
     diffs: dict[str, float] = {}
     with _staging(path) as staged:
@@ -543,7 +560,7 @@ def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None
         merged=merged, kept=list(target.active_adapters), frozen=frozen,
         inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.inputs},
         outputs=[v.name for v in model.graph.outputs],
-        ops=ops, ops_added=_ops_added(ops, base_ops if base_ops is not None else ops),
+        ops=ops, ops_added=_ops_added(ops, base_ops),
         base_parameters=base_parameters, adapter_parameters=adapter_parameters,
         exported_parameters=_initialiser_elements(model),
         max_abs_diff=diffs, tolerance=tolerance, timings=steps.timings,
