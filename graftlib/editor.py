@@ -49,6 +49,15 @@ def join_chain_end(node: fx.Node) -> fx.Node:
         node = nxt
 
 
+def _comes_after(node: fx.Node, start: fx.Node) -> bool:
+    current = start.next
+    while current.op != "root":
+        if current is node:
+            return True
+        current = current.next
+    return False
+
+
 def escape(key: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", key)
 
@@ -185,6 +194,8 @@ class Editor:
     def join(self, base: fx.Node, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
         """Insert ``op(*args)`` (one arg is `base`) and route every other user of `base` to it."""
         position = next(i for i, a in enumerate(args) if a is base)
+        if not self._before and _comes_after(base, self._cursor):
+            self._cursor = base  # base is an earlier adapter's join at this site: join after it
         node = self.call(op, *args, role="join", **kwargs)
         graft_tag(node)["base"] = position
         inserted = set(self.inserted)
