@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -146,7 +145,10 @@ def test_importance_schedule_and_masking_by_hand():
                               "beta1=0.8,beta2=0.7,alpha=4)", {"x": x}).train()
     _randomise(g, seed=1)  # E != 0 so every entry has a gradient from the first step
     opt = torch.optim.SGD(g.trainable_parameters().values(), lr=0.05)
-    tensors = lambda: g.store.tensors("default")  # noqa: E731
+
+    def tensors() -> dict:
+        return g.store.tensors("default")
+
     sites = ["a", "b"]
     s_bar: dict = {}
     u_bar: dict = {}
