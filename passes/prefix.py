@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from graftlib.editor import Editor, escape, graft_tag
+from graftlib.editor import Editor, escape, graft_tag, is_join
 from graftlib.errors import GraftError, LoadError
 from graftlib.registry import Method, Option, positive, register
 from graftlib.select import Selection, SiteIndex, resolve_targets
@@ -121,9 +121,16 @@ def _skip(node: Any, ops: set) -> Any:
     return node
 
 
+def _base_value(node: fx.Node) -> fx.Node:
+    """The model's own value under any adapters' joins (e.g. keys another prefix already extended)."""
+    while is_join(node):
+        node = node.args[graft_tag(node)["base"]]
+    return node
+
+
 def _kv_repeat(key: fx.Node) -> int:
     """How many query heads share one kv head when the graph repeats kv heads before the attention."""
-    node = _skip(key, _PASS_THROUGH)
+    node = _skip(_base_value(key), _PASS_THROUGH)
     if node.op == "call_function" and node.target == aten.repeat_interleave.self_int:
         return int(node.args[1])
     if node.op != "call_function" or node.target not in _VIEWS:
@@ -518,6 +525,7 @@ class Prefix(Method):
             editor = Editor(gm, self.name, adapter, site, consumer)
             with editor.before(consumer):
                 shared[id(ids)] = _join_into(editor, ids, consumer, aten.add.Tensor, ids, n)
+                graft_tag(shared[id(ids)])["prefix"] = "positions"
 
     # -- export ------------------------------------------------------------------------------------
     def freeze_for_export(self, grafted: "Grafted", record: "GraftRecord") -> None:
@@ -586,8 +594,8 @@ def position_consumers(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
         while frontier:
             current = frontier.pop()
             for user in list(current.users):
-                if user in seen or _is_tagged(user):
-                    continue
+                if user in seen or (_is_tagged(user) and graft_tag(user).get("prefix") != "positions"):
+                    continue  # graft nodes are not the model's, except other adapters' position offsets
                 seen.add(user)
                 if user.op != "call_function":
                     continue

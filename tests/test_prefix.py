@@ -1,0 +1,450 @@
+"""Prefix tuning / P-tuning v2 on BERT, GPT-2, Llama (GQA), T5 and the hand-written SDPA models.
+
+References: the base model (deactivation is exact), a hand-written forward with the prefix concatenated
+by hand (hand models, explicit causal mask), PEFT's PrefixTuning model with the same weights (BERT,
+Llama, GPT-2; SDPA and eager attention), onnxruntime (exported graphs), and properties checked on
+outputs (padding gets no attention, no attention to later tokens, the prefix is visible everywhere).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graftlib
+from graftlib.editor import escape, graft_tag
+from graftlib.errors import GraftError, GraftSpecError, LoadError
+from graftlib.passes.prefix import peft_export, peft_import
+from graftlib.registry import get_method
+from graftlib.runtime import copy_graph, op_histogram, specialise
+from models import build, example_inputs, inputs_for
+
+N = 3
+SPECS = {
+    "bert": f"prefix(n={N}, peft_positions=true)",
+    "gpt2": f"prefix(n={N}, peft_positions=true)",
+    "llama": f"prefix(n={N}, peft_positions=true)",
+    "t5": f"prefix(n={N})",                       # relative positions: nothing for peft_positions to offset
+    "hand": f"prefix(n={N})",
+    "hand_preln": f"prefix(n={N})",               # F.scaled_dot_product_attention(is_causal=True)
+}
+ARCHS = list(SPECS)
+CAUSAL = {"gpt2", "llama", "t5", "hand_preln"}    # t5: the decoder
+MASKED = {"bert", "gpt2", "llama", "t5", "hand"}
+SITES = {
+    "bert": ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"],
+    "gpt2": ["h.0.attn", "h.1.attn"],
+    "llama": ["layers.0.self_attn", "layers.1.self_attn"],
+    "t5": ["encoder.block.0.layer.0.SelfAttention", "encoder.block.1.layer.0.SelfAttention",
+           "decoder.block.0.layer.0.SelfAttention", "decoder.block.1.layer.0.SelfAttention"],
+    "hand": ["blocks.0", "blocks.1"],
+    "hand_preln": ["blocks.0", "blocks.1"],
+}
+_cache: dict[str, tuple] = {}
+
+
+def _grafted(arch: str) -> tuple[torch.nn.Module, graftlib.Grafted]:
+    if arch not in _cache:
+        model, _ = build(arch.removesuffix("_eager"))
+        if arch.endswith("_eager"):
+            for module in model.modules():
+                if hasattr(module, "config"):
+                    module.config._attn_implementation = "eager"
+        spec = SPECS.get(arch, f"prefix(n={N}, peft_positions=true)")
+        _cache[arch] = (model, graftlib.apply(model, spec, example_inputs(arch)).eval())
+    return _cache[arch]
+
+
+def _out(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+
+
+def _run(g, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return _out(g(**inputs))
+
+
+def _prefix_params(g, adapter: str = "default") -> dict[str, torch.nn.Parameter]:
+    return {f"{holder.site_key}.{name}": p for holder in g.store[adapter].values()
+            for name, p in holder.named_parameters()}
+
+
+def _padded(arch: str, batch: int = 2, seq: int = 6, seed: int = 1) -> tuple[dict, int]:
+    """Inputs with row 1 padded at one position (left for causal models, right otherwise)."""
+    inputs = inputs_for(arch, batch, seq, seed)
+    pos = 0 if arch in CAUSAL and arch != "t5" else seq - 1
+    if "attention_mask" in inputs:
+        inputs["attention_mask"][1, pos] = 0
+    return inputs, pos
+
+
+# -- structure and deactivation ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sites_and_exact_deactivation(arch):
+    model, g = _grafted(arch)
+    assert g.records[0].sites == SITES[arch]          # T5: no prefix on EncDecAttention (cross-attention)
+    inputs, _ = _padded(arch)
+    base = _run(model, inputs)
+    assert (_run(g, inputs) - base).abs().max() > 1e-3
+    with g.disable_adapters():
+        assert torch.equal(_run(g, inputs), base)
+    off = specialise(g.graph, (), False)
+    reference = specialise(g.base_graph, (), False)
+    assert op_histogram(off) == op_histogram(reference)
+    assert len(off.nodes) == len(reference.nodes)
+    tags = [graft_tag(n) for n in g.graph.nodes if graft_tag(n)]
+    assert tags and all(t["adapter"] == "default" for t in tags)
+
+
+# -- training ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_changes_only_prefix(arch):
+    model, g = _grafted(arch)
+    prefix = _prefix_params(g)
+    assert set(map(id, g.trainable_parameters().values())) == set(map(id, prefix.values()))
+    before = {name: p.detach().clone() for name, p in g.named_parameters()}
+    inputs = inputs_for(arch, 2, 6, seed=4)
+    optimizer = torch.optim.SGD(g.trainable_parameters().values(), lr=0.1)
+    weights = torch.randn(_run(g, inputs).shape[-1], generator=torch.Generator().manual_seed(5))
+    g.train()
+    try:
+        for _ in range(2):
+            optimizer.zero_grad()
+            (_out(g(**inputs)) @ weights).pow(2).mean().backward()   # (layer-normed outputs: not |out|^2)
+            optimizer.step()
+    finally:
+        g.eval()
+    changed = {name for name, p in g.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {name for name, p in g.named_parameters() if any(p is q for q in prefix.values())}
+    assert len(changed) == 2 * len(SITES[arch])       # a key and a value per layer
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            p.copy_(before[name])
+
+
+# -- dynamic shapes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dynamic_batch_and_length(arch):
+    model, g = _grafted(arch)
+    inputs = inputs_for(arch, batch=3, seq=9, seed=3)   # traced at batch 2, length 7
+    full = _run(g, inputs)
+    assert full.shape[:2] == (3, inputs.get("decoder_input_ids", inputs["input_ids"]).shape[1])
+    for row in range(3):
+        single = _run(g, {k: v[row:row + 1] for k, v in inputs.items()})
+        torch.testing.assert_close(full[row:row + 1], single, atol=1e-5, rtol=1e-5)
+    assert (full - _run(model, inputs)).abs().max() > 1e-3
+
+
+# -- masking, checked on outputs -------------------------------------------------------------------
+def _swap_token(inputs: dict, key: str, row: int, pos: int) -> dict:
+    other = {k: v.clone() for k, v in inputs.items()}
+    other[key][row, pos] = (other[key][row, pos] + 7) % 90 + 3
+    return other
+
+
+@pytest.mark.parametrize("arch", sorted(MASKED))
+def test_padding_gets_no_attention(arch):
+    _, g = _grafted(arch)
+    inputs, pos = _padded(arch)
+    real = inputs["attention_mask"][1].bool()
+    changed = _swap_token(inputs, "input_ids", 1, pos)
+    with torch.no_grad():
+        a, b = g(**inputs), g(**changed)
+    if arch == "t5":  # encoder padding: the decoder (cross-attention) and the encoder's real positions
+        torch.testing.assert_close(_out(a), _out(b), atol=1e-6, rtol=0)
+        a, b = a.encoder_last_hidden_state, b.encoder_last_hidden_state
+    a, b = _out(a), _out(b)
+    torch.testing.assert_close(a[1, real], b[1, real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    unmasked = {k: v.clone() for k, v in inputs.items()}
+    unmasked["attention_mask"][1] = 1   # the same swap without padding is visible: the check can fail
+    shown = _run(g, _swap_token(unmasked, "input_ids", 1, pos)) - _run(g, unmasked)
+    if arch != "t5":  # t5: the decoder output, every position
+        shown = shown[:, real & (torch.arange(real.numel()) != pos)]
+    assert shown[1].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(CAUSAL))
+def test_causal_never_attends_to_later_tokens(arch):
+    _, g = _grafted(arch)
+    inputs = inputs_for(arch, 2, 6, seed=2)
+    key = "decoder_input_ids" if arch == "t5" else "input_ids"
+    j = inputs[key].shape[1] - 2
+    a, b = _run(g, inputs), _run(g, _swap_token(inputs, key, 0, j))
+    torch.testing.assert_close(a[:, :j], b[:, :j], atol=1e-6, rtol=0)
+    assert (a[0, j:] - b[0, j:]).abs().amax(-1).min() > 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_is_visible_everywhere(arch):
+    _, g = _grafted(arch)
+    inputs, _ = _padded(arch)
+    before = _run(g, inputs)
+    params = _prefix_params(g)
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=gen))
+    try:
+        after = _run(g, inputs)
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+    per_position = (after - before).abs().amax(-1)     # (B, S)
+    if arch != "t5" and "attention_mask" in inputs:
+        per_position = per_position[inputs["attention_mask"].bool()]
+    assert per_position.min() > 1e-5
+
+
+# -- a forward written by hand ---------------------------------------------------------------------
+def _heads(p: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    n = p.shape[0]
+    return p.view(n, heads, -1).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)  # (B, H, n, D)
+
+
+def _hand_reference(model, inputs: dict, adapters: list[dict[str, dict[str, torch.Tensor]]],
+                    causal: bool) -> torch.Tensor:
+    """HandAttention / HandPreLN forward with each adapter's K/V concatenated in front (explicit mask)."""
+    ids = inputs["input_ids"]
+    batch, seq = ids.shape
+    x = model.embed(ids)
+    total = sum(next(iter(a.values()))["key"].shape[0] for a in adapters)
+    if causal:
+        mask = torch.cat([torch.ones(seq, total, dtype=torch.bool),
+                          torch.ones(seq, seq, dtype=torch.bool).tril()], dim=1)
+    else:
+        mask = torch.cat([torch.ones(batch, 1, 1, total, dtype=torch.bool),
+                          inputs["attention_mask"][:, None, None, :].bool()], dim=-1)
+    for layer, block in enumerate(model.blocks):
+        h = block.ln1(x) if causal else x
+        q_w, k_w, v_w, o_w = ((block.q_proj, block.k_proj, block.v_proj, block.o_proj) if causal
+                              else (block.wq, block.wk, block.wv, block.proj))
+        split = lambda t: t.view(batch, seq, block.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q_w(h)), split(k_w(h)), split(v_w(h))
+        for adapter in adapters:   # in application order: later adapters end up in front
+            p = adapter[f"blocks.{layer}"]
+            k = torch.cat([_heads(p["key"], batch, block.heads), k], dim=2)
+            v = torch.cat([_heads(p["value"], batch, block.heads), v], dim=2)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch, seq, -1)
+        if causal:
+            x = x + o_w(att)
+            x = x + block.down_proj(F.gelu(block.up_proj(block.ln2(x))))
+        else:
+            x = block.norm1(x + o_w(att))
+            x = block.norm2(x + block.fc_out(F.gelu(block.fc_in(x))))
+    return model.norm(x) if causal else model.head(x)
+
+
+@pytest.mark.parametrize("arch", ["hand", "hand_preln"])
+def test_hand_formula_and_stacked_adapters(arch):
+    model, g = _grafted(arch)
+    inputs, _ = _padded(arch, batch=3, seq=8)
+    causal = arch == "hand_preln"
+    with torch.no_grad():
+        expected = _hand_reference(model, inputs, [g.store.tensors("default")], causal)
+    torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
+    g.add("prefix(n=2, name=second)")
+    try:
+        with torch.no_grad():
+            both = _hand_reference(model, inputs, [g.store.tensors("default"), g.store.tensors("second")], causal)
+            second = _hand_reference(model, inputs, [g.store.tensors("second")], causal)
+        torch.testing.assert_close(_run(g, inputs), both, atol=1e-5, rtol=1e-5)
+        g.set_active(["second"])
+        torch.testing.assert_close(_run(g, inputs), second, atol=1e-5, rtol=1e-5)
+    finally:
+        g.delete_adapter("second")
+        g.set_active(["default"])
+    torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ptuning_v2_is_prefix_without_projection():
+    model, g = _grafted("hand")
+    inputs, _ = _padded("hand")
+    g.add(f"ptuning_v2(n={N}, name=v2)")
+    try:
+        assert g.adapters["v2"].method == "ptuning_v2"
+        with torch.no_grad():
+            for key, params in g.store.tensors("default").items():
+                for name, value in params.items():
+                    getattr(g.store["v2"][escape(key)], name).copy_(value)
+        g.set_active(["v2"])
+        torch.testing.assert_close(_run(g, inputs), _run_active(g, "default", inputs), atol=0, rtol=0)
+    finally:
+        g.delete_adapter("v2")
+        g.set_active(["default"])
+
+
+def _run_active(g, adapter: str, inputs: dict) -> torch.Tensor:
+    saved = g.active_adapters
+    g.set_active([adapter])
+    try:
+        return _run(g, inputs)
+    finally:
+        g.set_active(saved)
+
+
+def test_projection_save_load_and_freeze():
+    model, g = _grafted("hand")
+    inputs, _ = _padded("hand")
+    g.add("prefix(n=2, projection=true, hidden=8, name=proj)")
+    try:
+        g.set_active(["proj"])
+        enc = g.store.tensors("proj")["prefix_encoder"]
+        with torch.no_grad():   # PEFT's formula: tanh(E W0^T + b0) W2^T + b2, slot l = [K_l | V_l]
+            flat = torch.tanh(enc["embedding"] @ enc["transform_0_weight"].T + enc["transform_0_bias"])
+            flat = flat @ enc["transform_2_weight"].T + enc["transform_2_bias"]
+            adapters = [{f"blocks.{l}": {"key": flat[:, 64 * l:64 * l + 32], "value": flat[:, 64 * l + 32:64 * l + 64]}
+                         for l in range(2)}]
+            expected = _hand_reference(model, inputs, adapters, causal=False)
+        out = _run(g, inputs)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        with tempfile.TemporaryDirectory() as directory:
+            g.save(directory)
+            loaded = graftlib.load(model, directory, example_inputs=example_inputs("hand")).eval()
+        loaded.set_active(["proj"])
+        assert torch.equal(_run(loaded, inputs), out)
+        frozen = g._derived(copy_graph(g.graph))           # what export does: freeze a private copy
+        frozen.records = [dataclasses.replace(r, config=dict(r.config)) for r in frozen.records]
+        for record in list(frozen.records):
+            get_method(record.method).freeze_for_export(frozen, record)
+        assert frozen.records[-1].spec == "prefix(n=2, name=proj)" and frozen.active_adapters == ("proj",)
+        assert "prefix_encoder" not in frozen.store.tensors("proj")
+        assert not any(graft_tag(n) and graft_tag(n).get("prefix") == "encoder" for n in frozen.graph.nodes)
+        torch.testing.assert_close(_run(frozen, inputs), out, atol=1e-6, rtol=0)
+        assert "prefix_encoder" in g.store.tensors("proj"), "freezing a copy leaves the original alone"
+    finally:
+        g.delete_adapter("proj")
+        g.set_active(["default"])
+
+
+# -- PEFT -----------------------------------------------------------------------------------------
+def _peft(model, **options):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=N, **options)
+    return get_peft_model(model, config).eval()
+
+
+def _install(g, adapter: str, tensors: dict) -> None:
+    with torch.no_grad():
+        for key, params in tensors.items():
+            for name, value in params.items():
+                getattr(g.store[adapter][escape(key)], name).copy_(value)
+    g._invalidate()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2", "bert_eager", "llama_eager"])
+def test_peft_equivalence(arch):
+    model, g = _grafted(arch)
+    name = arch.split("_")[0]
+    pm = _peft(model)
+    embeddings = pm.prompt_encoder["default"].embedding.weight.detach()
+    config = pm.peft_config["default"].to_dict()
+    spec, tensors = peft_import(config, {"prompt_embeddings": embeddings}, g)
+    assert spec == f"prefix(n={N}, peft_positions=true)" and list(tensors) == g.records[0].sites
+    _install(g, "default", tensors)
+    inputs, _ = _padded(name, batch=3, seq=7)
+    inputs.pop("token_type_ids", None)               # PEFT drops them for prompt learning
+    with torch.no_grad():
+        expected = pm(**inputs).last_hidden_state
+    torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
+    exported, state = peft_export(g, g.records[0])
+    assert torch.equal(state["prompt_embeddings"], embeddings)
+    for key in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"):
+        assert exported[key] == config[key], key
+
+
+def test_peft_projection_equivalence():
+    model, g = _grafted("llama")
+    pm = _peft(model, prefix_projection=True, encoder_hidden_size=8)
+    encoder = pm.prompt_encoder["default"]
+    g.add(f"prefix(n={N}, projection=true, hidden=8, peft_positions=true, name=proj)")
+    try:
+        g.set_active(["proj"])
+        holder = g.store["proj"]["prefix_encoder"]
+        with torch.no_grad():
+            holder.embedding.copy_(encoder.embedding.weight)
+            for i in (0, 2):
+                getattr(holder, f"transform_{i}_weight").copy_(encoder.transform[i].weight)
+                getattr(holder, f"transform_{i}_bias").copy_(encoder.transform[i].bias)
+        g._invalidate()
+        inputs, _ = _padded("llama", batch=3, seq=7)
+        with torch.no_grad():
+            expected = pm(**inputs).last_hidden_state
+        torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
+        config, state = peft_export(g, g.adapters["proj"])
+        assert config["prefix_projection"] and config["inference_mode"] and config["encoder_hidden_size"] == 8
+        torch.testing.assert_close(state["prompt_embeddings"], pm.get_prompt_embedding_to_save("default"),
+                                   atol=1e-6, rtol=0)
+    finally:
+        g.delete_adapter("proj")
+        g.set_active(["default"])
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "hand_preln"])
+def test_onnx_matches_pytorch(arch, tmp_path):
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    _, g = _grafted(arch)
+    kwargs = {**inputs_for(arch, 2, 7), **g._traced.constants}
+    kwargs = {k: v for k, v in kwargs.items() if k in g.input_names or k in g._traced.constants}
+    batch, seq = Dim("batch"), Dim("seq")
+    shapes = {k: ({0: batch, 1: seq} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
+    program = torch.onnx.export(g.runtime_module(), (), kwargs=kwargs, dynamo=True, optimize=False,
+                                dynamic_shapes=shapes, verbose=False)
+    path = str(tmp_path / f"{arch}.onnx")
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inputs, _ = _padded(arch, batch=3, seq=9, seed=6)   # other sizes than the export's
+    got = session.run(None, {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(got, _run(g, inputs).numpy(), atol=1e-4, rtol=0)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, message", [
+    ("prefix(n=0)", "n=0 must be > 0"),
+    ("prefix(n=-4)", "n=-4 must be > 0"),
+    ("ptuning_v2(n=0)", "n=0 must be > 0"),
+    ("prefix(n=4, hidden=8)", "hidden= only applies with projection=true"),
+    ("ptuning_v2(n=4, projection=true)", "ptuning_v2 has no option 'projection'"),
+])
+def test_bad_options(spec, message):
+    _, g = _grafted("hand")
+    with pytest.raises(GraftSpecError, match=message):
+        g.add(spec.replace(")", ", name=bad)"))
+    assert "bad" not in g.adapters
+
+
+def test_no_attention_is_a_clear_error():
+    model, _ = build("convnet")
+    with pytest.raises(GraftSpecError, match="found no attention in this model"):
+        graftlib.apply(model, "prefix(n=4)", example_inputs("convnet"))
+
+
+def test_peft_positions_without_positions_is_a_clear_error():
+    _, g = _grafted("hand")
+    with pytest.raises(GraftSpecError, match="peft_positions=true found no position ids to offset"):
+        g.add("prefix(n=2, peft_positions=true, name=bad)")
+    assert "bad" not in g.adapters and g.records[0].adapter == "default"
+
+
+def test_peft_interop_errors():
+    _, g = _grafted("hand")
+    with pytest.raises(GraftError, match="without peft_positions=true"):
+        peft_export(g, g.records[0])
+    config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 32, "num_layers": 2,
+              "num_attention_heads": 4, "num_transformer_submodules": 1}
+    with pytest.raises(LoadError, match=r"prompt_embeddings has shape \(3, 100\)"):
+        peft_import(config, {"prompt_embeddings": torch.zeros(3, 100)}, g)
+    with pytest.raises(LoadError, match="the checkpoint has 3 layers, the model 2"):
+        peft_import({**config, "num_layers": 3}, {"prompt_embeddings": torch.zeros(3, 192)}, g)
+    with pytest.raises(LoadError, match="num_transformer_submodules=2"):
+        peft_import({**config, "num_transformer_submodules": 2}, {"prompt_embeddings": torch.zeros(3, 128)}, g)
