@@ -16,7 +16,7 @@ from torch import fx
 
 from .editor import graft_tag, is_join
 
-__all__ = ["copy_graph", "specialise", "build_module", "op_histogram"]
+__all__ = ["copy_graph", "specialise", "build_module", "op_histogram", "eliminate_dead_code"]
 
 aten = torch.ops.aten
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -64,12 +64,17 @@ def _to_eval(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Drop unused nodes, unused random ops too (a disabled branch's dropout; fx keeps them as impure)."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+
+
 def specialise(graph: fx.Graph, active: Collection[str], training: bool) -> fx.Graph:
     new = copy_graph(graph)
     deactivate(new, active)
     if not training:
         _to_eval(new)
-    new.eliminate_dead_code()
+    eliminate_dead_code(new)
     new.lint()
     return new
 
