@@ -114,7 +114,7 @@ def _is_graft(node: fx.Node) -> bool:
 def _op_name(node: fx.Node) -> str:
     if node.op == "output":
         return "output"
-    return str(node.target).replace("aten.", "").replace(".default", "")
+    return getattr(node.target, "_opname", None) or str(node.target)
 
 
 def _plain_users(node: fx.Node) -> list[fx.Node]:
