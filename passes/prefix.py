@@ -144,20 +144,56 @@ def _kv_repeat(key: fx.Node) -> int:
     return int(out.shape[2])
 
 
-def _projection_input(node: fx.Node, limit: int = 64) -> fx.Node | None:
-    """The input of the nearest linear / addmm projection upstream of `node` (breadth first)."""
+def _projection(node: fx.Node, limit: int = 64) -> fx.Node | None:
+    """The nearest linear / addmm projection upstream of `node` (breadth first)."""
     seen, queue = {node}, deque([node])
     while queue and len(seen) < limit:
         current = queue.popleft()
-        if current.op == "call_function" and current.target == aten.linear.default:
-            return current.args[0]
-        if current.op == "call_function" and current.target == aten.addmm.default:
-            return _skip(current.args[1], _VIEWS | _PASS_THROUGH)
+        if current.op == "call_function" and current.target in (aten.linear.default, aten.addmm.default):
+            return current
         for arg in current.all_input_nodes:
             if arg not in seen and arg.op == "call_function":
                 seen.add(arg)
                 queue.append(arg)
     return None
+
+
+def _projection_input(node: fx.Node) -> fx.Node | None:
+    projection = _projection(node)
+    if projection is None:
+        return None
+    if projection.target == aten.addmm.default:
+        return _skip(projection.args[1], _VIEWS | _PASS_THROUGH)
+    return projection.args[0]
+
+
+def _key_weight_owner(call: "AttentionCall") -> str | None:
+    """The module path owning the key projection's weight (``blocks.0.wk``), if there is one."""
+    projection = _projection(_base_value(call.key))
+    if projection is None:
+        return None
+    weight = projection.args[1] if projection.target == aten.linear.default else projection.args[2]
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    return str(weight.target).rsplit(".", 1)[0]
+
+
+def _distinct_sites(calls: list["AttentionCall"]) -> None:
+    """Name attention calls that share a module path but not their key weights (attention written
+    inline in a parent's forward) after the key projection's parent module, e.g. ``blocks.0``."""
+    groups: dict[str, list[AttentionCall]] = {}
+    for call in calls:
+        groups.setdefault(call.site.key, []).append(call)
+    for key, group in groups.items():
+        owners = [_key_weight_owner(call) for call in group]
+        if key and len(set(owners)) <= 1:
+            continue  # one module (possibly called several times: one site, shared prefix)
+        parents = [owner.rsplit(".", 1)[0] if owner and "." in owner else owner for owner in owners]
+        names = parents if None not in parents and "" not in parents and len(set(parents)) == len(set(owners)) \
+            else owners
+        for call, name in zip(group, names):
+            name = name or key or "attention"
+            call.site = dataclasses.replace(call.site, path=name, layer=_layer_of(name))
 
 
 def _is_cross(query: fx.Node, key: fx.Node) -> bool:
@@ -189,24 +225,31 @@ def _scores_path(scores: fx.Node, softmax: fx.Node) -> list[fx.Node] | None:
     return None
 
 
+def _probs_matmul(softmax: fx.Node) -> fx.Node | None:
+    """``matmul(p, v)`` reached from the softmax through casts / dropout (other readers, such as
+    returned attention weights, are ignored)."""
+    current = softmax
+    for _ in range(6):
+        step = None
+        for user in current.users:
+            if user.op != "call_function":
+                continue
+            if user.target == aten.matmul.default and user.args[0] is current:
+                return user
+            if user.target in _PASS_THROUGH | _DROPOUT or (user.target is operator.getitem and user.args[1] == 0):
+                step = user
+        if step is None:
+            return None
+        current = step
+    return None
+
+
 def _eager_call(softmax: fx.Node) -> AttentionCall | None:
     """Match ``softmax(f(q @ k^T)) [dropout] @ v`` around `softmax`; None when it is not attention."""
     value = softmax.meta.get("val")
     if value is None or value.dim() != 4 or softmax.args[1] not in (-1, 3):
         return None
-    # forward: softmax -> casts/dropout -> matmul(p, v)
-    current, out_matmul = softmax, None
-    for _ in range(6):
-        users = [u for u in current.users if u.op == "call_function" and u.target != aten._assert_tensor_metadata.default]
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if user.target == aten.matmul.default and user.args[0] is current:
-            out_matmul = user
-            break
-        if user.target not in _PASS_THROUGH | _DROPOUT and user.target != operator.getitem:
-            return None
-        current = user
+    out_matmul = _probs_matmul(softmax)
     if out_matmul is None:
         return None
     # backward: softmax input <- score ops <- matmul(q, k^T)
@@ -267,6 +310,7 @@ def find_attention(gm: fx.GraphModule, index: SiteIndex | None = None) -> list[A
             call = _eager_call(node)
             if call is not None:
                 calls.append(call)
+    _distinct_sites(calls)
     for call in calls:  # record head dims on the site (SDPA sites carry the query's D already)
         if call.key.meta.get("val") is not None and call.key.meta["val"].dim() == 4:
             call.site = _with_dims(call.site, call.token_dim)
@@ -741,7 +785,12 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
     if tuple(embeddings.shape) != (n, layers * 2 * width):
         raise LoadError(f"peft_import: prompt_embeddings has shape {tuple(embeddings.shape)}, the config needs "
                         f"({n}, {layers * 2 * width}) = (num_virtual_tokens, num_layers * 2 * token_dim)")
-    gm = model.base_graph_module if isinstance(model, Grafted) else trace(model).graph_module
+    if isinstance(model, Grafted):
+        gm = model.base_graph_module
+    elif isinstance(model, fx.GraphModule):
+        gm = model
+    else:
+        gm = trace(model, dynamic=False).graph_module  # only the structure is read
     calls = [c for c in find_attention(gm) if not c.cross]
     sites = list({c.site.key: c for c in calls}.values())
     if len(sites) != layers:

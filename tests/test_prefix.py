@@ -263,6 +263,54 @@ def test_hand_formula_and_stacked_adapters(arch):
     torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
+class _EagerCausal(torch.nn.Module):
+    """Hand-written eager attention: q @ k^T, masked_fill(causal), where(padding), softmax, @ v."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(100, dim)
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {name: torch.nn.Linear(dim, dim) for name in ("wq", "wk", "wv", "wo")}) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask, prefixes=None):
+        x = self.embed(input_ids)
+        b, s, d = x.shape
+        pad = attention_mask[:, None, None, :].bool()                          # (B, 1, 1, S)
+        hidden = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)   # True: a later token
+        for layer, block in enumerate(self.blocks):
+            split = lambda t: t.view(b, s, self.heads, -1).transpose(1, 2)     # noqa: E731
+            q, k, v = split(block["wq"](x)), split(block["wk"](x)), split(block["wv"](x))
+            causal, visible = hidden, pad
+            if prefixes is not None:   # the reference: concatenate by hand, widen both masks by hand
+                p = prefixes[f"blocks.{layer}"]
+                n = p["key"].shape[0]
+                k = torch.cat([_heads(p["key"], b, self.heads), k], dim=2)
+                v = torch.cat([_heads(p["value"], b, self.heads), v], dim=2)
+                causal = torch.cat([torch.zeros(s, n, dtype=torch.bool), hidden], dim=1)
+                visible = torch.cat([torch.ones(b, 1, 1, n, dtype=torch.bool), pad], dim=-1)
+            scores = (q @ k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+            scores = torch.where(visible, scores.masked_fill(causal, float("-inf")), torch.finfo(x.dtype).min)
+            att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
+            x = x + block["wo"](att)
+        return x
+
+
+def test_eager_hand_written_masks():
+    torch.manual_seed(0)
+    model = _EagerCausal().eval()
+    trace_inputs = inputs_for("hand", 2, 7, seed=2)
+    g = graftlib.apply(model, f"prefix(n={N})", trace_inputs).eval()
+    assert g.records[0].sites == ["blocks.0", "blocks.1"]
+    inputs, _ = _padded("hand", batch=3, seq=8)
+    inputs["attention_mask"][2, :3] = 0
+    with torch.no_grad():
+        expected = model(**inputs, prefixes=g.store.tensors("default"))
+    torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
+    with g.disable_adapters():
+        assert torch.equal(_run(g, inputs), _run(model, inputs))
+
+
 def test_ptuning_v2_is_prefix_without_projection():
     model, g = _grafted("hand")
     inputs, _ = _padded("hand")
