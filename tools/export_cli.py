@@ -137,6 +137,10 @@ def _build(args: argparse.Namespace) -> Any:
         raise _Failure(f"{model_dir} has neither config.json (a Hugging Face model) nor graft.json "
                        "(a saved graft)")
     _say(args, f"loading {model_dir}")
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     module: Any = _load_hf(model_dir, class_name)
     dynamic = not args.static
     for directory in grafts + [Path(d) for d, _ in adapters]:
