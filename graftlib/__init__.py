@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .errors import GraftError, GraftSpecError, LoadError, TraceError
+from .export import export_onnx
 from .grafted import Grafted, GraftRecord, apply
 from .io import load, save
 from .peft import from_peft, save_peft  # also registers replace(...), which PEFT's modules_to_save load as
@@ -15,6 +16,7 @@ from .trace import Traced, example_inputs_for, trace
 
 __all__ = [
     "apply", "trace", "select", "load", "save", "parse_spec", "example_inputs_for", "from_peft", "save_peft",
+    "export_onnx",
     "Grafted", "GraftRecord", "Traced",
     "GraftError", "GraftSpecError", "LoadError", "TraceError",
 ]
