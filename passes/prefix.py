@@ -8,7 +8,8 @@ At each attention call, with learned per-layer prefixes ``Pk, Pv`` of shape ``(n
 
 ``[P; k]`` prepends ``P`` (reshaped to ``(B, H_kv, n, D)``) on the key axis (dim 2); ``[1 | mask]`` adds
 n visible columns on the left of the mask (``True`` for a boolean mask, ``0.0`` for an additive one;
-each operand that the eager scores meet on their way to the softmax is widened the same way).
+each operand that the eager scores meet on their way to the softmax is widened the same way). An
+additive bias folded into the mask (T5's relative position bias) is 0 on the prefix columns.
 
 Causal SDPA (``is_causal=True``) aligns its triangle top-left, so keys longer than queries would hide the
 prefix. Instead of an explicit mask the rewrite prepends n dummy (zero) queries, keeps ``is_causal``
@@ -131,7 +132,8 @@ def _base_value(node: fx.Node) -> fx.Node:
 def _kv_repeat(key: fx.Node) -> int:
     """How many query heads share one kv head when the graph repeats kv heads before the attention."""
     node = _skip(_base_value(key), _PASS_THROUGH)
-    if node.op == "call_function" and node.target == aten.repeat_interleave.self_int:
+    if node.op == "call_function" and node.target == aten.repeat_interleave.self_int \
+            and _arg(node, 2, "dim", None) in (1, -3):
         return int(node.args[1])
     if node.op != "call_function" or node.target not in _VIEWS:
         return 1
@@ -197,7 +199,7 @@ def _distinct_sites(calls: list["AttentionCall"]) -> None:
 
 
 def _is_cross(query: fx.Node, key: fx.Node) -> bool:
-    q_in, k_in = _projection_input(query), _projection_input(key)
+    q_in, k_in = _projection_input(_base_value(query)), _projection_input(_base_value(key))
     return q_in is not None and k_in is not None and q_in is not k_in
 
 
@@ -358,11 +360,11 @@ def _prepend(editor: Editor, base: fx.Node, user: fx.Node, prefix: fx.Node, n: i
     return _join_into(editor, padded, user, aten.slice_scatter.default, padded, prefix, 2, 0, n)
 
 
-def _widen(editor: Editor, operand: fx.Node, user: fx.Node, value: Any, n: int, where: str) -> None:
+def _widen(editor: Editor, operand: fx.Node, user: fx.Node, value: Any, n: int) -> None:
     """Add n columns holding `value` on the left of `operand`'s last dim (shared per adapter)."""
     val = operand.meta.get("val")
     if val is None or val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] == 1):
-        return  # broadcasts over keys: nothing to widen
+        return  # broadcasts over the keys (a scale, a whole-row mask): covers the prefix columns too
     marker = f"widen:{value!r}"
     for existing in operand.users:
         tag = graft_tag(existing)
@@ -453,12 +455,6 @@ class Prefix(Method):
         if val is None or val.dim() != 4:
             raise call.error(f"attention at {attention.site.path}: keys are not (B, H, S, D) tensors; "
                              "prefix tuning needs 4-d multi-head attention")
-        mask = _arg(attention.node, 3, "attn_mask", None) if attention.kind == "sdpa" else None
-        mask_val = mask.meta.get("val") if isinstance(mask, fx.Node) else None
-        if mask_val is not None and mask_val.dim() and isinstance(mask_val.shape[-1], int) \
-                and mask_val.shape[-1] == 1 and val.shape[2] != 1:
-            raise call.error(f"attention at {attention.site.path}: its mask broadcasts over the keys "
-                             "(last dim 1), so prefix columns cannot be added")
 
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
         """Sites are checked in ``select`` (which sees the attention pattern, not only the site)."""
@@ -533,7 +529,7 @@ class Prefix(Method):
         mask = _arg(node, 3, "attn_mask", None)
         with editor.before(node):
             if isinstance(mask, fx.Node):
-                _widen(editor, mask, node, True if mask.meta["val"].dtype == torch.bool else 0.0, n, call.site.path)
+                _widen(editor, mask, node, True if mask.meta["val"].dtype == torch.bool else 0.0, n)
             causal = bool(_arg(node, 5, "is_causal", False))
             if causal:  # n dummy queries in front keep the top-left causal triangle right
                 _join_into(editor, call.query, node, aten.constant_pad_nd.default, call.query, [0, 0, n, 0], 0.0)
@@ -549,7 +545,7 @@ class Prefix(Method):
                     continue
                 value = _neutral(node, operand, previous, call.site.path)
                 with editor.before(node):
-                    _widen(editor, operand, node, value, n, call.site.path)
+                    _widen(editor, operand, node, value, n)
 
     # -- positions ---------------------------------------------------------------------------------
     def _offset_positions(self, gm: fx.GraphModule, selection: Selection, adapter: str, n: int) -> None:
