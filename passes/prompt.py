@@ -51,7 +51,7 @@ from graftlib.select import Selection, SiteIndex
 from graftlib.sites import Site, _walk_back, weight_value
 from graftlib.spec import GraftCall, Prefixed
 
-__all__ = ["Prompt", "VirtualTokens", "peft_import", "peft_export", "virtual_tokens_value",
+__all__ = ["Prompt", "VirtualTokens", "peft_import", "peft_export", "virtual_tokens_value", "site_params",
            "peft_base_config", "input_anchor"]
 
 aten = torch.ops.aten

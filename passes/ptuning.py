@@ -157,7 +157,6 @@ class PTuning(VirtualTokens):
         frozen.meta["custom"]["graft"] = {**graft_tag(tokens), "role": "frozen"}
         tokens.replace_all_uses_with(frozen)
         eliminate_dead_code(graph)  # the encoder, LSTM included (fx keeps unused random ops)
-        record.extras["frozen"] = True
         grafted._finish()
 
 
