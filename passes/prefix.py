@@ -14,8 +14,10 @@ additive bias folded into the mask (T5's relative position bias) is 0 on the pre
 Causal SDPA (``is_causal=True``) aligns its triangle top-left, so keys longer than queries would hide the
 prefix. Instead of an explicit mask the rewrite prepends n dummy (zero) queries, keeps ``is_causal``
 and drops the dummy rows from the output: real query ``n + i`` sees every prefix key and the real
-keys ``<= i`` -- the prefix is visible, attention stays causal over the real tokens, the flag (and the
-fast causal kernels it selects) is unchanged, and every change is a join that deactivation undoes.
+keys ``<= i`` -- the prefix is visible, attention stays causal over the real tokens, the flag stays as
+traced (an explicit mask would have to replace it, which no join can undo), at the cost of n extra
+query rows. Every change is a join, so deactivation gives back the base graph exactly. (A prepend is
+two joins, ``constant_pad_nd`` then ``slice_scatter``, because a join's base must be a direct argument.)
 
 Grouped-query attention: the prefix has the kv-head count. When the graph repeats kv heads before
 the attention (``repeat_kv``: unsqueeze/expand/reshape, or ``repeat_interleave``) the prefix goes

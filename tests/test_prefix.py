@@ -435,6 +435,24 @@ def test_peft_projection_equivalence():
         g.set_active(["default"])
 
 
+def test_from_peft_and_save_peft_round_trip(tmp_path):
+    from peft import PeftModel
+
+    model, _ = build("llama")
+    pm = _peft(model)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    inputs, _ = _padded("llama", batch=3, seq=7)
+    with torch.no_grad():
+        expected = pm(**inputs).last_hidden_state
+    g = graftlib.from_peft(build("llama")[0], str(tmp_path / "peft")).eval()
+    assert g.records[0].spec.startswith(f"prefix(n={N}, peft_positions=true")
+    torch.testing.assert_close(_run(g, inputs), expected, atol=1e-5, rtol=1e-5)
+    g.save_peft(str(tmp_path / "back"))
+    again = PeftModel.from_pretrained(build("llama")[0], str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+
 # -- ONNX ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "hand_preln"])
 def test_onnx_matches_pytorch(arch, tmp_path):
