@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from graftlib.editor import Editor, escape, graft_tag
 from graftlib.errors import GraftError, LoadError
@@ -439,10 +439,25 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
     return config, {"prompt_embeddings": tokens}
 
 
-def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor], model: Any = None
-                ) -> tuple[str, dict[str, torch.Tensor]]:
+def _embedding_path(model: Any) -> str:
+    """The module path the token-embedding site gets (the calling module's: T5's encoder.embed_tokens)."""
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    modules = list(model.named_modules(remove_duplicate=False))
+    if table is None:
+        embeddings = {id(m) for _, m in modules if isinstance(m, nn.Embedding)}
+        if len(embeddings) != 1:
+            raise LoadError(f"cannot tell which embedding of {type(model).__name__} is the token embedding "
+                            "(it has no get_input_embeddings()); graft the prompt with prompt(n=N) and copy "
+                            "the tensor into it")
+        table = next(m for _, m in modules if id(m) == embeddings.pop())
+    paths = [name for name, module in modules if module is table]
+    return next((p for p in paths if "encoder" in p.split(".")), paths[0])
+
+
+def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor], model: Any
+                ) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT prompt-tuning (or P-tuning: its saved ``prompt_embeddings`` are the encoder's output)
-    checkpoint as ``("prompt(n=N)", {"embedding": (n, D) tensor})``."""
+    checkpoint as ``("prompt(n=N)", {<token-embedding site key>: {"embedding": (n, D) tensor}})``."""
     kind = config.get("peft_type")
     if kind not in ("PROMPT_TUNING", "P_TUNING"):
         raise LoadError(f"peft_type {kind!r} is not prompt tuning or P-tuning")
@@ -456,12 +471,12 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor], model: A
     n = config.get("num_virtual_tokens")
     if tokens.dim() != 2 or (n is not None and tokens.shape[0] != n):
         raise LoadError(f"prompt_embeddings has shape {tuple(tokens.shape)}; expected ({n}, token_dim)")
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    dim = getattr(embed, "embedding_dim", None)
+    path = _embedding_path(model)
+    dim = getattr(model.get_submodule(path), "embedding_dim", None)
     if dim is not None and tokens.shape[1] != dim:
         raise LoadError(f"prompt_embeddings has width {tokens.shape[1]} but the model's token embeddings "
                         f"have {dim}: the checkpoint is for another base model")
-    return f"prompt(n={tokens.shape[0]})", {"embedding": tokens.detach().float().clone()}
+    return f"prompt(n={tokens.shape[0]})", {path: {"embedding": tokens.detach().float().clone()}}
 
 
 def site_params(grafted: Any, adapter: str) -> Any:

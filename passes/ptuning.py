@@ -177,7 +177,7 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
     return config, {"prompt_embeddings": tokens}
 
 
-def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor], model: Any = None
-                ) -> tuple[str, dict[str, torch.Tensor]]:
+def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor], model: Any
+                ) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT P-tuning checkpoint holds only the encoder's output, so it imports as ``prompt(n=N)``."""
     return _prompt_import(config, state, model)

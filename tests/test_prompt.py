@@ -363,13 +363,31 @@ def test_we_load_peft_checkpoints(peft_models, tmp_path, adapter: str) -> None:
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
     spec, tensors = (prompt_import if adapter == "prompt" else ptuning_import)(config, state, model)
-    assert spec == f"prompt(n={N})" and set(tensors) == {"embedding"}
+    assert spec == f"prompt(n={N})" and list(tensors) == ["model.embed_tokens"]  # the site key
     name = f"imported_{adapter}"
     g.add(f"{spec[:-1]}, name={name})")
+    assert g.adapters[name].sites == ["model.embed_tokens"]
     with torch.no_grad():
-        site_params(g, name).embedding.copy_(tensors["embedding"])
+        site_params(g, name).embedding.copy_(tensors["model.embed_tokens"]["embedding"])
         _compare(run(g, name, inputs), peft_model(**inputs))
 
+
+
+def test_round_trip_through_save_peft_and_from_peft(zoo, tmp_path) -> None:
+    from peft import PeftModel
+
+    from graftlib.peft import from_peft, save_peft
+
+    model, g = zoo["llama"]
+    inputs = padded_inputs("llama", batch=2, seq=6)
+    ours = run(g, "lstm", inputs)
+    save_peft(g, str(tmp_path), adapter="lstm")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours[0], peft_model(**inputs)["last_hidden_state"], atol=1e-5, rtol=0)
+    loaded = from_peft(model, str(tmp_path), adapter_name="back")
+    assert loaded.adapters["back"].method == "prompt"  # PEFT keeps only the encoder's output
+    torch.testing.assert_close(run(loaded, "back", inputs)[0], ours[0], atol=1e-6, rtol=0)
 
 # -- export ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,adapter", [("bert", "mlp"), ("llama", "lstm")])
