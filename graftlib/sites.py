@@ -102,18 +102,30 @@ def _site_path(gm: fx.GraphModule, node: fx.Node, weight: str) -> str:
 
 
 def _walk_back(node: Any) -> Any:
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in SHAPE_OPS:
-        node = node.args[0]
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        tag = (node.meta.get("custom") or {}).get("graft") or {}
+        if node.target in SHAPE_OPS:
+            node = node.args[0]
+        elif tag.get("role") == "join":  # a graft join stands for its base value
+            node = node.args[tag["base"]]
+        else:
+            break
     return node
 
 
+def _passes_through(user: fx.Node, value: fx.Node) -> bool:
+    """A graft join whose base is `value` stands for it (sites stay found after grafting)."""
+    tag = (user.meta.get("custom") or {}).get("graft") or {}
+    return tag.get("role") == "join" and user.args[tag["base"]] is value
+
+
 def _walk_forward(node: fx.Node) -> list[fx.Node]:
-    """Users of `node` reached through shape ops only."""
+    """Users of `node` reached through shape ops (and graft joins) only."""
     out, frontier = [], [node]
     while frontier:
         current = frontier.pop()
         for user in current.users:
-            if user.op == "call_function" and user.target in SHAPE_OPS:
+            if user.op == "call_function" and (user.target in SHAPE_OPS or _passes_through(user, current)):
                 frontier.append(user)
             else:
                 out.append(user)
