@@ -84,7 +84,8 @@ LORA_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 PASS_TYPES = {"ADALORA": "adalora", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
               "PREFIX_TUNING": "prefix"}
 #: graftlib method -> its pass module (for save_peft)
-PASS_METHODS = {"adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix"}
+PASS_METHODS = {"adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
+                "ptuning_v2": "prefix"}
 
 # LoRA options: handled here, or metadata that does not change the model
 _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
@@ -361,16 +362,31 @@ class _Plan:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)   # "<adapter>/<site>/<param>"
     adapters: list[str] = field(default_factory=list)
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    single: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # adapter -> {param: tensor}
 
-    def add(self, adapter: str, spec: str, per_site: Mapping[str, Mapping[str, torch.Tensor]],
+    def add(self, adapter: str, spec: str, per_site: Mapping[str, Any],
             extras: dict[str, Any] | None = None) -> None:
+        """`per_site` is {site key: {param: tensor}}, or {param: tensor} for a graft with one site."""
         self.specs.append(spec)
         self.adapters.append(adapter)
         for site, params in per_site.items():
+            if isinstance(params, torch.Tensor):
+                self.single.setdefault(adapter, {})[site] = params
+                continue
             for pname, tensor in params.items():
                 self.tensors[f"{adapter}/{site}/{pname}"] = tensor
         if extras:
             self.extras[adapter] = extras
+
+    def resolve(self, grafted: "Grafted") -> None:
+        """Key one-site tensors by the site the graft created."""
+        for adapter, params in self.single.items():
+            holders = list(grafted.store[adapter].values()) if adapter in grafted.store else []
+            if len(holders) != 1:
+                raise GraftError(f"adapter {adapter!r}: the pass gave tensors for one site but the graft has "
+                                 f"{len(holders)}")
+            for pname, tensor in params.items():
+                self.tensors[f"{adapter}/{holders[0].site_key}/{pname}"] = tensor
 
 
 _LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
@@ -638,6 +654,7 @@ def _install(grafted: "Grafted", plan: _Plan, source: str) -> None:
     before, active = set(grafted.adapters), grafted.active_adapters
     grafted.add(" + ".join(plan.specs))
     try:
+        plan.resolve(grafted)
         install_tensors(grafted, plan.tensors, plan.adapters, source=source)
     except Exception:
         for name in plan.adapters:
