@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graftlib.editor import Editor, escape, graft_tag
+from graftlib.editor import Editor, escape, graft_tag, is_join
 from graftlib.errors import GraftError, LoadError
 from graftlib.registry import Method, Option, positive, register
 from graftlib.select import Selection, SiteIndex
@@ -113,8 +113,8 @@ def _input_region(ids: fx.Node, anchor: fx.Node) -> set[fx.Node]:
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if user is anchor or user in region or user.op != "call_function":
-                continue
+            if user is anchor or user in region or user.op != "call_function" or is_join(user):
+                continue  # a join (LoRA on the lookup) is the lookup's value, not the input's
             if isinstance(user.meta.get("val"), torch.Tensor):
                 region.add(user)
                 frontier.append(user)

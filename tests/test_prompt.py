@@ -443,6 +443,30 @@ def test_save_and_load_replays_the_rewrite(zoo, tmp_path) -> None:
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
+
+def test_composes_with_lora_on_the_lookup_and_attention() -> None:
+    model, _ = build("llama")
+    g = graftlib.apply(model, "lora(embed, q, v, r=2, name=lora) + prompt(n=3, name=p)")
+    with torch.no_grad():
+        for param in g.store["lora"].parameters():
+            param.normal_(0, 0.2)
+    g._invalidate()
+    merged = g.merge(adapters=["lora"])  # reference weights: the LoRA deltas folded in
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in eager.named_parameters():
+            param.copy_(merged.graph_module.get_parameter(name))
+    inputs = padded_inputs("llama", batch=3, seq=5)
+    g.set_active(["lora", "p"])
+    with torch.no_grad():
+        expected = flat(reference(eager, inputs, virtual_tokens_value(g, "p")))
+    assert not torch.equal(expected[0], flat(reference(model, inputs, virtual_tokens_value(g, "p")))[0])
+    assert run(g, "lora", inputs)[0].shape == (3, 5, 32)  # LoRA alone keeps the length
+    g.set_active(["lora", "p"])
+    g.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(flat(g(**inputs))[0], expected[0], atol=1e-5, rtol=0)
+
 # -- bad input -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec,message", [
     ("prompt(n=0)", "n=0 must be > 0"),
