@@ -17,7 +17,8 @@ This is exactly what PEFT does (``inputs_embeds = cat(prompts, embeds)``, ``atte
 cat(ones, mask)``): every size derived from the sequence (position ids, buffered token-type ids,
 causal-mask construction, head reshapes) sees ``n + S``, so positions run ``0 .. n+S-1``; only ops
 on ``input_ids`` itself (e.g. GPT-2's ``input_ids.view(-1, S)``) keep ``S``. Every changed value is a
-join over the old one (the pad, the add, ``S + n``), so disabling the adapter gives the base graph.
+join over the old one (the slice_scatter, ``S + n``, the output slice), so disabling the adapter
+gives the base graph exactly.
 
 Outputs keep the model's structure, but sequence outputs (``last_hidden_state``, ``logits``, a T5
 encoder's hidden states) gain n leading positions, as PEFT's do. ``strip=true`` slices them off again
