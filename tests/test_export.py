@@ -173,11 +173,7 @@ def test_failed_verification_leaves_no_file(hand: graftlib.Grafted, tmp_path: Pa
                        r"PyTorch by max-abs-diff [0-9.e-]+ > tolerance 0 at batch=3, sequence=8; no file was written"):
         export_onnx(hand, existing, merge=True, tolerance=0.0, progress=False)
     assert existing.read_text() == "previous export"   # the old file is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
-    fresh = tmp_path / "a" / "b" / "model.onnx"
-    with pytest.raises(graftlib.GraftError, match="verification failed"):
-        export_onnx(hand, fresh, merge=True, tolerance=0.0, progress=False)
-    assert not (tmp_path / "a").exists()               # directories it created are removed again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]   # no temp files either
     assert hand.training is False and hand.active_adapters == ("default",)
 
 
