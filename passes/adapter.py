@@ -17,18 +17,20 @@ with ``f`` = the sublayer output exactly as it enters the add (after its dropout
 residual input (the other operand of the add) and ``LN`` = the norm node that reads the add (post-LN
 only; the block's own LayerNorm with its own weights). With ``B(u) = scale * Up(act(Down(u)))``:
 
-    kind=pfeiffer  (seq_bn)  LN(f + B(LN(f + x)) + x)      pre-LN: x + f + B(x + f)
+    kind=pfeiffer  (seq_bn)  LN(f + B(LN(f + x)) + x)      pre-LN: x + f + B(f)
     kind=houlsby             LN(x + f + B(f))              pre-LN: x + f + B(f)
     kind=parallel            LN(x + f + B(x))              pre-LN: x + f + B(x)
 
-This is AdapterHub's ``bottleneck_layer_forward`` (``pre_forward`` / ``Adapter.forward`` /
-``post_forward``; the pre-LN forms are the same code with ``layer_norm=None``). Defaults follow
-AdapterHub's configs: pfeiffer relu scale 1, houlsby swish scale 1, parallel relu scale 4; the
+The post-LN forms are AdapterHub's ``bottleneck_layer_forward`` (``pre_forward`` / ``Adapter.forward``
+/ ``post_forward``). Pre-LN blocks have no LN to apply, and the sequential kinds adapt the sublayer
+output ``f`` (the project's pre-LN formula ``h + f + Up(act(Down(f)))``, ``h`` = ``x``); note that
+AdapterHub's own code path with ``layer_norm=None`` would feed pfeiffer ``x + f`` instead. Defaults
+follow AdapterHub's configs: pfeiffer relu scale 1, houlsby swish scale 1, parallel relu scale 4; the
 bottleneck width is ``m`` or ``hidden // reduction`` (reduction 16 when neither is given).
 
 The rewrite, at the residual add ``a`` (or the latest join standing for it):
 
-    a' = join(a, add(a, B(u)))       u = LN(a) | a | f | x   (pfeiffer post | pfeiffer pre | houlsby | parallel)
+    a' = join(a, add(a, B(u)))       u = LN(a) | f | x   (pfeiffer post-LN | pfeiffer pre-LN, houlsby | parallel)
 
 ``LN(a)`` is a copy of the block's norm node (same weights) read from ``a``; the original norm then
 reads ``a'``. Down is kaiming-uniform with zero bias and Up is zero (weight and bias), so ``B = 0``
@@ -217,13 +219,11 @@ def bottleneck_spec(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def bottleneck_input(editor: Editor, block: Block, kind: str, state: fx.Node) -> fx.Node:
-    """The value the bottleneck reads: LN(state) | state (pfeiffer post | pre), f (houlsby), x (parallel)."""
-    if kind == "houlsby":
-        return block.f
+    """The value the bottleneck reads: LN(state) (pfeiffer post-LN), f (houlsby, pre-LN pfeiffer), x (parallel)."""
     if kind == "parallel":
         return block.x
-    if block.norm is None:
-        return state
+    if kind == "houlsby" or block.norm is None:
+        return block.f
     norm = block.norm
     if norm.target not in _NORMS:
         raise GraftError(f"kind=pfeiffer needs the block's post-add norm as one op; {block.add.name} is "

@@ -4,7 +4,7 @@ At each residual block where the fused adapters ``a_1 .. a_N`` sit (see ``passes
 ``f``, ``x``, ``LN`` and the kinds), with ``s`` = the residual state before the fused adapters (the
 residual add ``f + x`` when they are the only adapters there):
 
-    u     = LN(s) | s | f | x                        the adapters' shared input (their kind decides)
+    u     = LN(s) | f | x                            the adapters' shared input (their kind decides)
     up_i  = scale_i * Up_i(act_i(Down_i(u)))         each adapter's bottleneck output   (..., H)
     q     = Wq u + bq                                query from the block state         (..., H)
     k_i   = Wk up_i,   v_i = Wv up_i                 identity-initialised, no bias      (..., N, H)

@@ -118,7 +118,7 @@ def by_hand(model: nn.Module, inputs: dict, block: tuple[str, str, str | None], 
     def patch(_module: nn.Module, _args: tuple, f: torch.Tensor) -> torch.Tensor:
         x = captured["x"]
         if kind == "pfeiffer":
-            u = modules[norm](f + x) if norm else f + x
+            u = modules[norm](f + x) if norm else f
         else:
             u = f if kind == "houlsby" else x
         hidden = act(F.linear(u, params["down_weight"], params["down_bias"]))

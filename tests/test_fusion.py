@@ -74,7 +74,7 @@ def fused_by_hand(case: dict, fusion: str) -> tuple[torch.Tensor, dict[str, torc
         def patch(_m: nn.Module, _args: tuple, f: torch.Tensor, captured: dict = captured, proj: str = proj,
                   norm: str | None = norm, adapters: list = adapters, layer: dict = layer) -> torch.Tensor:
             x = captured["x"]
-            u = {"pfeiffer": modules[norm](f + x) if norm else f + x, "houlsby": f, "parallel": x}[kind]
+            u = {"pfeiffer": modules[norm](f + x) if norm else f, "houlsby": f, "parallel": x}[kind]
             ups = torch.stack([SCALES[kind] * F.linear(ACTS[kind](F.linear(u, p["down_weight"], p["down_bias"])),
                                                        p["up_weight"], p["up_bias"]) for p in adapters], dim=-2)
             query = F.linear(u, layer["query_weight"], layer["query_bias"])              # (B, N, H)
