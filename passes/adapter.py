@@ -60,7 +60,7 @@ import torch
 from torch import fx, nn
 
 from graftlib.editor import Editor, graft_tag, is_join, join_chain_end
-from graftlib.errors import GraftError, LoadError
+from graftlib.errors import GraftError, GraftSpecError, LoadError
 from graftlib.io import read_config, read_tensors
 from graftlib.registry import Method, Option, positive, register
 from graftlib.select import Selection, SiteIndex, resolve_targets
@@ -335,10 +335,7 @@ class Adapter(Method):
             sites = self._saved_sites(call, index, config)
             selection = Selection(call, sites, {config["from"]: [s.key for s in sites]})
         else:
-            targets = [dataclasses.replace(t, text=_ALIASES.get(t.text, t.text)) if t.kind == "name" else t
-                       for t in call.targets]
-            resolved = resolve_targets(dataclasses.replace(call, targets=targets), index, self.site_kinds,
-                                       config["layers"])
+            resolved = self._resolve(call, index, config)
             sites = [s for s in resolved.sites if config["cross"] or not is_cross_attention(s, index)]
             selection = Selection(call, sites, resolved.matched)
             if config.get("from_sites") is not None:
@@ -346,6 +343,21 @@ class Adapter(Method):
         for site in selection.sites:
             self._check_block(call, site, index, config)
         return selection
+
+    def _resolve(self, call: GraftCall, index: SiteIndex, config: dict[str, Any]) -> Selection:
+        """resolve_targets with ffn/mlp meaning the down projection and attn/attention the o projection."""
+        targets = [dataclasses.replace(t, text=_ALIASES.get(t.text, t.text)) if t.kind == "name" else t
+                   for t in call.targets]
+        try:
+            return resolve_targets(dataclasses.replace(call, targets=targets), index, self.site_kinds,
+                                   config["layers"])
+        except GraftSpecError as exc:
+            for target in call.targets:
+                mapped = _ALIASES.get(target.text)
+                if mapped and exc.column == target.column:
+                    reason = exc.reason.replace(f"alias {mapped!r}", f"{target.text!r} (its {mapped!r} projection)")
+                    raise GraftSpecError(reason, exc.spec, exc.column) from None
+            raise
 
     @staticmethod
     def _saved_sites(call: GraftCall, index: SiteIndex, config: dict[str, Any]) -> list[Site]:

@@ -258,6 +258,9 @@ def test_no_residual_add_lists_what_was_found() -> None:
     assert "after the projection: linear -> output" in str(info.value)
     with pytest.raises(graftlib.GraftSpecError, match=r"after the projection: linear -> relu"):
         graftlib.apply(model, "adapter(fc1)", example_inputs=(torch.randn(2, 3, 8),))
+    with pytest.raises(graftlib.GraftSpecError, match=r"'attn' \(its 'o' projection\) matches no linear/conv1d "
+                                                      r"site in this model; it has: down, up"):
+        graftlib.apply(model, "adapter(attn)", example_inputs=(torch.randn(2, 3, 8),))
 
 
 # -- save / load / from= / ONNX ------------------------------------------------------------------------
