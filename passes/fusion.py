@@ -163,7 +163,7 @@ class Fusion(Method):
             stacked = editor.call(aten.stack.default, ups, -2)                        # (..., N, H)
             base, values = self._residual(editor, block, kind, state, stacked, config)
             new = self._attend(editor, u, stacked, values, base, hidden, config)
-            keep = editor.call(aten.full.default, [], True, dtype=torch.bool)
+            keep = editor.call(aten.new_full.default, end, [], True, dtype=torch.bool)  # 0-d, end's device
             editor.join(end, aten.where.self, keep, new, end)
 
     @staticmethod
