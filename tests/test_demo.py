@@ -7,8 +7,9 @@
   reproduce the ONNX logits; every artefact exists with the size summary.json reports.
 - ``--model`` with a tiny random DistilBERT checkpoint: two runs give bit-identical figures and
   adapter files (seeded, fixed data order), and ``--force`` replaces only the demo's own files.
-- Refusals: a non-empty ``--out`` without ``--force``, an ``--out`` that is a file, a spec typo: exit
-  status != 0, a message that names the fix, and nothing on disk changed.
+- Refusals: a non-empty ``--out`` without ``--force``, an ``--out`` that is a file, a spec typo, a
+  directory where an artefact goes (even with ``--force``): exit status != 0, a message that names
+  the fix, and nothing on disk changed.
 """
 from __future__ import annotations
 
@@ -166,6 +167,8 @@ def test_model_option_is_deterministic_and_force_keeps_other_files(tiny_checkpoi
     second.mkdir()
     (second / "notes.txt").write_text("mine")
     (second / "model.onnx").write_text("stale")
+    (second / "adapter").mkdir()
+    (second / "adapter" / "mine.txt").write_text("also mine")
     runs = [run_demo("--model", str(tiny_checkpoint), "--steps", "5", "--spec", "lora(q,v,r=4)", "--out", str(out),
                      *extra) for out, extra in ((first, ()), (second, ("--force",)))]
     for proc in runs:
@@ -180,6 +183,7 @@ def test_model_option_is_deterministic_and_force_keeps_other_files(tiny_checkpoi
         assert (first / name).read_bytes() == (second / name).read_bytes()
     assert a["onnx"]["verified"] and a["onnx"]["max_abs_diff"] <= ONNX_TOLERANCE
     assert (second / "notes.txt").read_text() == "mine"
+    assert (second / "adapter" / "mine.txt").read_text() == "also mine"
     assert (second / "model.onnx").stat().st_size == b["files"]["model.onnx"]["bytes"] > 1000
 
 
@@ -189,6 +193,8 @@ REFUSALS = [
     ("non-empty --out", "dir", (), 2, ("already exists and is not empty", "nothing was changed", "--force")),
     ("--out is a file", "file", (), 2, ("is a file, not a directory", "choose another --out")),
     ("spec typo", "none", ("--spec", "lora(q,v"), 1, ("GraftSpecError", "lora(q,v", "^")),
+    ("--force, an artefact's name taken by a directory", "blocked", ("--force",), 2,
+     ("has a directory or file where the demo writes model.onnx", "move it away")),
 ]
 
 
@@ -203,6 +209,9 @@ def test_refusals_change_nothing(tmp_path: Path, case: str, prepare: str, extra:
         (out / "adapter" / "graft.json").write_text("{}")
     elif prepare == "file":
         out.write_text("a file")
+    elif prepare == "blocked":
+        (out / "model.onnx").mkdir(parents=True)
+        (out / "model.onnx" / "inside.txt").write_text("precious")
     before = snapshot(tmp_path)
     proc = run_demo("--steps", "1", "--out", str(out), *extra, timeout=300)
     assert proc.returncode == code, proc.stderr

@@ -13,7 +13,8 @@ in a fixed order; the artefacts are written to a staging directory and moved int
 the end, so a failed run leaves ``--out`` as it was. An existing non-empty ``--out`` is refused
 unless ``--force`` (then only the demo's own file names are replaced).
 
-Exit codes: 0 ok, 2 usage (including a refused ``--out``), 1 failure with a one-line reason.
+Exit codes: 0 ok, 2 usage (including a refused ``--out``), 1 failure with a short reason on stderr
+(``GRAFTLIB_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ ARTEFACTS = ("adapter/graft.json", "adapter/adapters.safetensors", "head.safeten
 
 
 class DemoError(Exception):
-    """A reason to stop with exit status 1 (or `code`), shown as one line."""
+    """A reason to stop with exit status 1 (or `code`), shown on stderr."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
@@ -106,11 +107,15 @@ def check_out(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DemoError(f"--out {out} already exists and is not empty; nothing was changed. Pass --force to "
                         "replace the demo's files in it, or choose another --out", code=2)
+    blocked = [name for name in ARTEFACTS if (out / name).is_dir() or (out / name).parent.is_file()]
+    if blocked:
+        raise DemoError(f"--out {out} has a directory or file where the demo writes {blocked[0]}: "
+                        "move it away or choose another --out", code=2)
 
 
 # -- console ---------------------------------------------------------------------------------------
 class Console:
-    """Numbered steps with their wall time on stdout."""
+    """Numbered steps on stdout; each step's wall time is kept for summary.json."""
 
     def __init__(self, total: int):
         self.total, self.index, self.timings = total, 0, {}
@@ -268,18 +273,22 @@ def _save_head(head: Any, path: Path) -> None:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move the staged artefacts into `out` (a rename when `out` does not exist yet)."""
+    """Move the staged artefacts into `out`: a rename when `out` does not exist yet, else file by file
+    (other files in `out`, and in `out/adapter`, are left alone)."""
     if not out.exists():
         os.replace(staging, out)
         return
-    for entry in staging.iterdir():
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(entry, target)
-    staging.rmdir()
+    _move_files(staging, out)
+    shutil.rmtree(staging)
+
+
+def _move_files(source: Path, target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_dir():
+            _move_files(entry, target / entry.name)
+        else:
+            os.replace(entry, target / entry.name)
 
 
 def _size(n: int) -> str:
@@ -345,8 +354,9 @@ class Demo:
             with self.console.step(key, title):
                 action()
         self.summary["timings_s"] = {**self.console.timings, "total": round(self.console.elapsed(), 2)}
+        written = sorted(p.relative_to(self.staging).as_posix() for p in self.staging.rglob("*") if p.is_file())
         self.summary["files"] = {name: {"path": str(self.out / name), "bytes": (self.staging / name).stat().st_size}
-                                 for name in ARTEFACTS if name != "summary.json"}
+                                 for name in written}   # ARTEFACTS, plus model.onnx.data for huge models
         self.summary["files"]["summary.json"] = {"path": str(self.out / "summary.json"), "bytes": None}
         _write_text(self.staging / "summary.json", json.dumps(self.summary, indent=2) + "\n")
         return self.summary
