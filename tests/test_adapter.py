@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import graftlib
-from graftlib.editor import escape
 from graftlib.runtime import op_histogram, specialise
 
 sys.path.insert(0, str(Path(__file__).parent))
