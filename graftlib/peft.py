@@ -96,7 +96,7 @@ _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision"
                  "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
 _SAFE_INITS = (True, False, "gaussian", "orthogonal", "eva")
-_INIT_CONFIGS = {"loftq_config": "loftq", "corda_config": "corda", "lora_ga_config": "lora_ga"}
+_NAME = re.compile(r"[A-Za-z_][\w\-]*")
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -214,8 +214,6 @@ def _check_lora_options(config: Mapping[str, Any], source: str) -> None:
         raise _not_supported(source, f"init_lora_weights={init!r}",
                              "PEFT rewrites the base weights with it when loading")
     for key, value in config.items():
-        if key in _INIT_CONFIGS and not _empty(value) and init == _INIT_CONFIGS[key]:
-            raise _not_supported(source, f"{key}", "it rewrites the base weights")
         if key in _LORA_HANDLED or _empty(value):
             continue
         raise _not_supported(source, f"{key}={value!r}")
@@ -635,7 +633,10 @@ def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str =
     from .trace import trace
 
     source = str(peft_dir)
+    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name):
+        raise LoadError(f"adapter_name={adapter_name!r}: use letters, digits, '_' or '-' (e.g. 'default')")
     config, state = read_peft(peft_dir)
+    _precheck(config, source)
     if isinstance(model, Grafted):
         grafted = model
         for name in (adapter_name, adapter_name + MODULES_SUFFIX):
@@ -647,6 +648,16 @@ def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str =
     plan = _plan(grafted, config, state, adapter_name, source)
     _install(grafted, plan, source)
     return grafted
+
+
+def _precheck(config: dict[str, Any], source: str) -> None:
+    """Refuse unknown types and options before spending time tracing."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        _check_lora_options(config, source)
+    elif peft_type not in PASS_TYPES:
+        known = ", ".join(["LORA", *PASS_TYPES])
+        raise LoadError(f"{source}: not supported: peft_type={config.get('peft_type')!r}; graftlib loads {known}")
 
 
 def _install(grafted: "Grafted", plan: _Plan, source: str) -> None:
@@ -851,6 +862,8 @@ def _export(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, Any], 
     modules = _modules_record(grafted, record)
     if modules is not None:
         config, state = _export_modules(grafted, modules, config, state)
+    elif config.get("modules_to_save"):
+        config = {**config, "modules_to_save": None}  # its replace graft was deleted: base modules
     return config, state
 
 

@@ -321,3 +321,72 @@ def test_unknown_adapter_and_unsupported_saves(tmp_path):
     bert = _case("bert")["g"]
     with pytest.raises(graftlib.GraftError, match="save_peft\\(dir, adapter='default'\\) writes it"):
         bert.save_peft(tmp_path / "m", adapter="default_modules")
+
+
+# -- target matching is PEFT's -------------------------------------------------------------------
+KEYS = ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.value",
+        "encoder.layer.1.attention.output.dense", "pooler.dense", "h.0.attn.c_attn", "h.1.mlp.c_proj",
+        "model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.v_proj", "layers.2.mlp.down_proj",
+        "embed_tokens", "classifier", "blocks.1.q_proj"]
+MATCH_CONFIGS = [
+    dict(target_modules=["query", "value"]),
+    dict(target_modules=["dense"], exclude_modules=["pooler.dense"]),
+    dict(target_modules=r".*layers\.[0-2]\..*_proj"),
+    dict(target_modules=["q_proj", "v_proj", "query"], exclude_modules=r".*\.0\..*"),
+    dict(target_modules=["q_proj", "v_proj", "c_attn"], layers_to_transform=[0, 3]),
+    dict(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=2, layers_pattern="layers"),
+    dict(target_modules=["dense", "classifier"], modules_to_save=["pooler"]),
+]
+
+
+@pytest.mark.parametrize("options", MATCH_CONFIGS)
+def test_target_matching_agrees_with_peft(options):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from graftlib.peft import peft_target_match
+
+    config = LoraConfig(**options)
+    for key in KEYS:
+        expected = check_target_module_exists(config, key)
+        expected = bool(expected) and type(expected).__name__ != "_ExcludedModule"
+        assert peft_target_match(json.loads(json.dumps(config.to_dict(), default=list)), key) == expected, key
+
+
+# -- other PEFT types go to their passes -------------------------------------------------------
+def test_prompt_tuning_dispatches_to_its_pass(tmp_path):
+    case = _case("llama")
+    g = case["g"]
+    model, inputs = build("llama")
+    prompt = get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=3, task_type="FEATURE_EXTRACTION"))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        prompt.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    prompt.eval()
+    prompt.save_pretrained(tmp_path / "in")
+    with torch.no_grad():
+        want = _first(prompt(**inputs))
+    saved_active = g.active_adapters
+    graftlib.from_peft(g, tmp_path / "in", adapter_name="prompted")
+    try:
+        assert g.adapters["prompted"].method == "prompt"
+        g.set_active("prompted")
+        torch.testing.assert_close(_run(g, inputs), want, atol=TOL, rtol=0)
+        g.save_peft(tmp_path / "out", adapter="prompted")
+        torch.testing.assert_close(_peft_output("llama", tmp_path / "out"), want, atol=TOL, rtol=0)
+    finally:
+        g.set_active(saved_active)
+        g.delete_adapter("prompted")
+
+
+def test_missing_pass_hook_says_not_supported_yet(tmp_path, monkeypatch):
+    import graftlib.passes.prompt as prompt_pass
+
+    config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"prompt_embeddings": torch.zeros(2, 32)}, tmp_path / "adapter_model.safetensors")
+    monkeypatch.delattr(prompt_pass, "peft_import")
+    g = _case("llama")["g"]
+    adapters = list(g.adapters)
+    with pytest.raises(graftlib.GraftError, match="not supported yet: loading PEFT type PROMPT_TUNING"):
+        graftlib.from_peft(g, tmp_path, adapter_name="later")
+    assert list(g.adapters) == adapters
