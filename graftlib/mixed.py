@@ -111,12 +111,11 @@ def mixed_module(g: "Grafted", names: tuple[str, ...]) -> fx.GraphModule:
 class _Stacks(nn.Module):
     """Eval-mode stacked factors, rebuilt when any source parameter changes."""
 
-    def __init__(self, store: nn.Module):
+    def __init__(self):
         super().__init__()
         self.builders: list[tuple[str, Any]] = []
         self.sources: list[torch.Tensor] = []
         self.stamp: tuple = ()
-        object.__setattr__(self, "_store", store)
 
     def add(self, name: str, build: Any, sources: list[torch.Tensor]) -> None:
         self.builders.append((name, build))
@@ -139,7 +138,7 @@ def _build(g: "Grafted", names: tuple[str, ...]) -> fx.GraphModule:
     module = fx.GraphModule(g.graph_module, graph)
     module.train(g.training)
     module.add_module("graft", g.store)
-    stacks = _Stacks(g.store)
+    stacks = _Stacks()
     module.add_module("graft_mixed", stacks)
     index_node = _add_input(graph, INDEX_INPUT)
     sites = SiteIndex.build(module)
@@ -167,8 +166,8 @@ def _add_input(graph: fx.Graph, name: str) -> fx.Node:
     codegen = graph._codegen
     info = getattr(codegen, "pytree_info", None)
     if info is not None and info.in_spec is not None:
-        args, kwargs = pytree.tree_unflatten([None] * info.in_spec.num_leaves, info.in_spec)
-        in_spec = pytree.tree_flatten((args, {**kwargs, name: None}))[1]
+        args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
+        in_spec = pytree.tree_flatten((args, {**kwargs, name: 0}))[1]
         codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=in_spec)
     return node
 
@@ -211,6 +210,7 @@ class _Builder:
         self.training = g.training
         self._count = 0
         self._cursor: fx.Node | None = None
+        self._buffers: dict[str, str] = {}  # site key -> stack buffer prefix (a module called twice)
 
     # -- node helpers ------------------------------------------------------------------------------
     def _call(self, op: Any, *args: Any) -> fx.Node:
@@ -248,11 +248,13 @@ class _Builder:
         entries = self._entries(site)
         if self.training:
             return self._traced_stack(site, entries)
-        build_a, build_b, sources = _stack_builders(site, entries)
-        name = f"s{self._count}"
-        self._count += 1
-        self.stacks.add(f"{name}_A", build_a, sources)
-        self.stacks.add(f"{name}_B", build_b, [])
+        name = self._buffers.get(site.key)
+        if name is None:
+            build_a, build_b, sources = _stack_builders(site, entries)
+            name = self._buffers[site.key] = f"s{self._count}"
+            self._count += 1
+            self.stacks.add(f"{name}_A", build_a, sources)
+            self.stacks.add(f"{name}_B", build_b, [])
         return self._get(f"graft_mixed.{name}_A"), self._get(f"graft_mixed.{name}_B")
 
     def _traced_stack(self, site: Site, entries: list) -> tuple[fx.Node, fx.Node]:
