@@ -205,10 +205,14 @@ class Grafted(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
-        from .runtime import deactivate
+        from .runtime import deactivate, eliminate_dead_code
 
+        users = [r.adapter for r in self.records if name in get_method(r.method).depends_on(r.spec)]
+        if users:
+            raise GraftError(f"adapter {name!r} is used by {', '.join(map(repr, users))}: delete "
+                             f"{'that' if len(users) == 1 else 'those'} first")
         deactivate(self.graph, [a for a in self.adapters if a != name])
-        self.graph.eliminate_dead_code()
+        eliminate_dead_code(self.graph)
         del self.store[name]
         self.records = [r for r in self.records if r.adapter != name]
         self._active = tuple(a for a in self._active if a != name)

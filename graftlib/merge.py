@@ -17,7 +17,7 @@ from torch import fx, nn
 from .editor import STORE, AdapterStore
 from .errors import GraftError
 from .registry import get_method
-from .runtime import copy_graph, deactivate
+from .runtime import copy_graph, deactivate, eliminate_dead_code
 from .select import SiteIndex
 from .sites import Site, _walk_back, weight_value
 
@@ -113,7 +113,7 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
                     args[_WEIGHT_ARG[op.target]] = getter
                     op.args = tuple(args)
     deactivate(graph, [a for a in grafted.adapters if a not in names])
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     for name in names:
         if name in target.store:
             del target.store[name]

@@ -126,6 +126,10 @@ class Method:
     def rewrite(self, editor: "Editor", site: "Site", config: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def depends_on(self, spec: str) -> list[str]:
+        """Names of other adapters a graft of this method reads (fusion reads the adapters it fuses)."""
+        return []
+
     def delta(self, site: "Site", params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
         """The change to ``site``'s weight (same layout as the stored weight, or its ``span`` slice)."""
         raise NotImplementedError(f"{self.name} is not mergeable")

@@ -130,6 +130,9 @@ class Fusion(Method):
                              "list them as fusion(a, b, ...)")
         config["adapters"] = tuple(names)
 
+    def depends_on(self, spec: str) -> list[str]:
+        return [target.text for target in parse_spec(spec)[0].targets]
+
     def select(self, call: GraftCall, index: SiteIndex, config: dict[str, Any]) -> Selection:
         known = {**_pending_adapters(call, index), **adapters_in_graph(index.graph_module)}
         names = config["adapters"]

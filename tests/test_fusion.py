@@ -329,3 +329,13 @@ def test_onnx_fusion_matches_onnxruntime(preln: tuple, tmp_path: Path) -> None:
     got = torch.from_numpy(session.run(None, {"input_ids": inputs["input_ids"].numpy()})[0])
     assert (want - base).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_deleting_a_fused_adapter_is_refused():
+    model, _ = models.build("bert")
+    g = graftlib.apply(model, "adapter(ffn,m=4,name=a) + adapter(ffn,m=4,name=b) + fusion(a,b,name=f)")
+    with pytest.raises(graftlib.GraftError, match="adapter 'a' is used by 'f': delete that first"):
+        g.delete_adapter("a")
+    g.delete_adapter("f")
+    g.delete_adapter("a")
+    assert list(g.adapters) == ["b"]
