@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -227,20 +227,26 @@ def encode(tokenizer: Any, texts: Sequence[str]) -> dict[str, Any]:
 
 
 # -- training --------------------------------------------------------------------------------------
-def train_loop(step_fn: Any, groups: list[dict[str, Any]], batches: list[list[int]], desc: str) -> list[float]:
-    """AdamW over parameter `groups` ({"params", "lr"}); ``step_fn(indices) -> loss``; a tqdm bar on
-    stderr. Returns the losses."""
+def train_loop(step_fn: Callable[[list[int]], torch.Tensor], groups: Callable[[], list[dict[str, Any]]],
+               batches: list[list[int]], desc: str,
+               after_step: Callable[[int], bool] | None = None) -> list[float]:
+    """AdamW over the parameter groups ``groups()`` ({"params", "lr"}); ``step_fn(indices) -> loss``;
+    a tqdm bar on stderr. ``after_step(step)`` runs after each update (AdaLoRA's rank allocation) and
+    returns True when it replaced parameters, which rebuilds the optimiser. Returns the losses."""
     from tqdm import tqdm
 
-    groups = [group for group in groups if group["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    losses = []
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([group for group in groups() if group["params"]], weight_decay=0.0)
+
+    opt, losses = optimizer(), []
     bar = tqdm(batches, desc=desc, file=sys.stderr, leave=False, mininterval=0.5, dynamic_ncols=True)
-    for indices in bar:
+    for step, indices in enumerate(bar):
         loss = step_fn(indices)
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
+        if after_step is not None and after_step(step):
+            opt = optimizer()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
@@ -413,7 +419,7 @@ class Demo:
         def step_fn(indices: list[int]) -> torch.Tensor:
             return nn.functional.cross_entropy(head(features[indices]), self.train_labels[indices])
 
-        losses = train_loop(step_fn, [{"params": list(head.parameters()), "lr": self.args.head_lr}],
+        losses = train_loop(step_fn, lambda: [{"params": list(head.parameters()), "lr": self.args.head_lr}],
                             self.batches, "before")
         with torch.no_grad():
             self.before = accuracy(head(test_features), self.test_labels)
@@ -430,13 +436,16 @@ class Demo:
 
         def step_fn(indices: list[int]) -> torch.Tensor:
             logits = g(**encode(self.tokenizer, [self.train[i].text for i in indices]))   # (B, 2)
-            return nn.functional.cross_entropy(logits, self.train_labels[indices])
+            task = nn.functional.cross_entropy(logits, self.train_labels[indices])
+            return task + g.regularization_loss()       # AdaLoRA's orthogonality penalty; 0 otherwise
 
-        heads = {id(p) for p in self.head_params}
-        adapter = [p for p in g.trainable_parameters().values() if id(p) not in heads]
+        def groups() -> list[dict[str, Any]]:
+            heads = {id(p) for p in self.head_params}
+            adapter = [p for p in g.trainable_parameters().values() if id(p) not in heads]
+            return [{"params": adapter, "lr": self.args.lr}, {"params": self.head_params, "lr": self.args.head_lr}]
+
         g.train()
-        losses = train_loop(step_fn, [{"params": adapter, "lr": self.args.lr},
-                                      {"params": self.head_params, "lr": self.args.head_lr}], self.batches, "train")
+        losses = train_loop(step_fn, groups, self.batches, "train", self._allocator())
         g.eval()
         with torch.no_grad():
             self.after_logits = g(**self.test_batch)                          # (n_test, 2)
@@ -445,6 +454,20 @@ class Demo:
                          f"{_tail_loss(losses)}; {100 * (after - self.before):+.1f} points over before)")
         self.summary.update(accuracy_after=after, train_loss_after=_tail_loss(losses),
                             accuracy_after_means="grafted model: adapter and head trained together")
+
+    def _allocator(self) -> Callable[[int], bool] | None:
+        """``g.update_and_allocate`` after each step when a method allocates ranks (AdaLoRA), else None."""
+        from graftlib.registry import get_method
+
+        g = self.g
+        if not any(hasattr(get_method(r.method), "update_and_allocate") for r in g.records):
+            return None
+
+        def after_step(step: int) -> bool:
+            before = [id(p) for p in g.trainable_parameters().values()]
+            g.update_and_allocate(step)
+            return [id(p) for p in g.trainable_parameters().values()] != before
+        return after_step
 
     # 5
     def save_and_merge(self) -> None:
