@@ -213,7 +213,6 @@ def load_reviews() -> tuple[list[Example], list[Example]]:
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """`steps` batches of indices: seeded permutations of range(n), epoch after epoch."""
-
     generator = torch.Generator().manual_seed(seed)
     flat: list[int] = []
     while len(flat) < steps * batch_size:
@@ -269,12 +268,12 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _save_head(head: Any, path: Path) -> None:
+def _save_head(weight: torch.Tensor, bias: torch.Tensor, path: Path) -> None:
     from safetensors.torch import save_file
 
     from graftlib.io import atomic_write
 
-    tensors = {f"head.{k}": v.detach().contiguous().clone() for k, v in head.state_dict().items()}
+    tensors = {"head.weight": weight.detach().contiguous().clone(), "head.bias": bias.detach().contiguous().clone()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
@@ -472,7 +471,7 @@ class Demo:
     # 5
     def save_and_merge(self) -> None:
         self.g.save(self.staging / "adapter")
-        _save_head(self.classifier.head, self.staging / "head.safetensors")
+        _save_head(*self.head_params, self.staging / "head.safetensors")   # the graph's trained head
         merged = self.g.merge()
         merged.eval()
         with torch.no_grad():
