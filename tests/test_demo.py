@@ -33,7 +33,7 @@ ONNX_TOLERANCE = 1e-4
 
 def run_demo(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "graftlib.tools.demo", "--threads", "1", *args],
+    return subprocess.run([sys.executable, "-m", "graftlib.tools.demo", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

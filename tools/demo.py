@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-lr", type=_positive_float, default=3e-3,
                         help="head learning rate, for the baseline too (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch CPU threads (default 1: batches this small gain little from more, and on a "
+                             "2-core machine doing anything else 2 threads measured up to 8x slower)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true",
                         help="write into an existing non-empty --out, replacing the demo's own files")
@@ -340,8 +341,7 @@ class Demo:
             "lr": args.lr, "head_lr": args.head_lr, "seed": args.seed, "out": str(out)}
 
     def run(self) -> dict[str, Any]:
-        if self.args.threads:
-            torch.set_num_threads(self.args.threads)
+        torch.set_num_threads(self.args.threads)
         self.summary["threads"] = torch.get_num_threads()
         torch.manual_seed(self.args.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
