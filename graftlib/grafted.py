@@ -14,7 +14,7 @@ from torch import fx, nn
 from .editor import STORE, AdapterStore, Editor, escape, graft_tag, is_join
 from .errors import GraftError, GraftSpecError, near_names
 from .registry import Method, get_method
-from .runtime import build_module, copy_graph, op_histogram, specialise
+from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .sites import Site, weight_value
 from .spec import GraftCall, parse_spec
@@ -120,13 +120,18 @@ class Grafted(nn.Module):
         return [key for r in self.records if adapter in (None, r.adapter) for key in r.sites]
 
     def runtime_module(self) -> fx.GraphModule:
-        """The graph module that runs now (this mode, these active adapters)."""
+        """The graph module that runs now (this mode, these active adapters), with the model's names."""
+        return self._runtime_pair()[0]
+
+    def _runtime_pair(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """(named, flat) runtime modules for the current mode and active adapters; forward calls flat."""
         key = (self.training, self._active)
-        module = self._runtimes.get(key)
-        if module is None:
+        pair = self._runtimes.get(key)
+        if pair is None:
             graph = specialise(self.graph, self._active, self.training)
-            module = self._runtimes[key] = build_module(self.graph_module, graph, self.training)
-        return module
+            named = build_module(self.graph_module, graph, self.training)
+            pair = self._runtimes[key] = (named, flat_module(named))
+        return pair
 
     def _invalidate(self) -> None:
         self._runtimes.clear()
@@ -338,7 +343,7 @@ class Grafted(nn.Module):
                 inputs[key] = value
         if inputs.keys() != set(self._traced.input_names) | constants.keys():
             return self._variant(inputs)(**inputs)
-        return self.runtime_module()(**inputs)
+        return self._runtime_pair()[1](**inputs)
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         signature = self._traced.signature
