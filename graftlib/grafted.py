@@ -326,7 +326,8 @@ class Grafted(nn.Module):
         """What the passes inserted: ``graftlib.diff(base, self)`` (or against `other`)."""
         from .diff import diff
 
-        return diff(self.base_graph_module if other is None else other, self)
+        base = dataclasses.replace(self._traced, graph_module=self.base_graph_module)  # titled by class
+        return diff(base if other is None else other, self)
 
     # -- calling ---------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
