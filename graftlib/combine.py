@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import GraftError, near_names
+from .errors import GraftError
 from .io import install_tensors
 from .select import SiteIndex
 from .sites import Site

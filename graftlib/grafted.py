@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,12 +10,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .editor import STORE, AdapterStore, Editor, escape, graft_tag, is_join
+from .editor import STORE, AdapterStore, Editor
 from .errors import GraftError, GraftSpecError, near_names
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
-from .sites import Site, weight_value
 from .spec import GraftCall, parse_spec
 from .trace import Traced, trace
 

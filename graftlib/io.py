@@ -110,7 +110,7 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None,
          dynamic: bool = True) -> "Grafted":
     """Rebuild the grafted module saved in `directory` on top of `model` (which is not modified)."""
-    from .grafted import Grafted, GraftRecord, apply
+    from .grafted import Grafted, apply
 
     meta = read_config(directory)
     tensors = read_tensors(directory)

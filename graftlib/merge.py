@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from .editor import STORE, AdapterStore
 from .errors import GraftError
 from .registry import get_method
 from .runtime import copy_graph, deactivate, eliminate_dead_code

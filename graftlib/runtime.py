@@ -69,10 +69,20 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
 
 
+def _drop_null_dropout(graph: fx.Graph) -> None:
+    """Dropout with p = 0 is the identity but still dispatched (and recorded by autograd): remove it."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _DROPOUTS and node.args[1] == 0:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def specialise(graph: fx.Graph, active: Collection[str], training: bool) -> fx.Graph:
     new = copy_graph(graph)
     deactivate(new, active)
-    if not training:
+    if training:
+        _drop_null_dropout(new)
+    else:
         _to_eval(new)
     eliminate_dead_code(new)
     new.lint()

@@ -9,15 +9,13 @@ Exit codes: 0 ok, 2 usage, 1 failure with a one-line reason on stderr (``--debug
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
-from graftlib.tools.export_cli import _Failure, _base_of, _load_hf, _one_line, _read_graft
+from graftlib.tools._cli import CliFailure as _Failure
+from graftlib.tools._cli import run_guarded
+from graftlib.tools.export_cli import _base_of, _load_hf, _read_graft
 
 __all__ = ["main", "build_parser"]
 
@@ -86,26 +84,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        return _run(args, parser)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and status 1
-        from graftlib.errors import GraftError
-
-        if args.debug:
-            traceback.print_exc()
-        reason = _one_line(exc)
-        if not isinstance(exc, (GraftError, _Failure, OSError)):
-            reason = f"{type(exc).__name__}: {reason} (run with --debug for the traceback)"
-        print(f"{PROG}: error: {reason}", file=sys.stderr)
-        return 1
+    return run_guarded(PROG, args.debug, lambda: _run(args, parser))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ stderr (``--debug`` shows the traceback). A failure leaves no file at the output
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any
+
+from graftlib.tools._cli import CliFailure, one_line, run_guarded
 
 __all__ = ["main", "default_model_dir", "build_parser"]
 
@@ -42,8 +40,8 @@ def default_model_dir() -> Path:
     raise _Failure(f"the default model package at {root} has no config.json with a model_type; reinstall it")
 
 
-class _Failure(Exception):
-    """A reason to exit with status 1."""
+_Failure = CliFailure
+_one_line = one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,15 +150,6 @@ def _build(args: argparse.Namespace) -> Any:
     return module
 
 
-def _one_line(exc: BaseException) -> str:
-    from graftlib.errors import GraftSpecError
-
-    if isinstance(exc, GraftSpecError) and exc.spec is not None:
-        return f"{exc.reason} (in {exc.spec!r} at column {exc.column})"
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return "; ".join(lines[:2]) if lines else type(exc).__name__
-
-
 def _run(args: argparse.Namespace) -> int:
     from graftlib.export import DEFAULT_TOLERANCE, export_onnx
 
@@ -180,25 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
     if Path(args.output).is_dir():
         parser.error(f"output {args.output} is a directory: give a file name such as {Path(args.output) / 'model.onnx'}")
-    if not args.debug:
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and status 1
-        from graftlib.errors import GraftError
-
-        if args.debug:
-            traceback.print_exc()
-        reason = _one_line(exc)
-        if not isinstance(exc, (GraftError, _Failure, OSError)):
-            reason = f"{type(exc).__name__}: {reason} (run with --debug for the traceback)"
-        print(f"{PROG}: error: {reason}", file=sys.stderr)
-        return 1
+    return run_guarded(PROG, args.debug, lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""What graftlib's command-line tools share: one-line failures with exit status 1, quiet libraries."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+
+__all__ = ["CliFailure", "one_line", "run_guarded"]
+
+
+class CliFailure(Exception):
+    """A reason to exit with status 1 (printed as one line)."""
+
+
+def one_line(exc: BaseException) -> str:
+    from graftlib.errors import GraftSpecError
+
+    if isinstance(exc, GraftSpecError) and exc.spec is not None:
+        return f"{exc.reason} (in {exc.spec!r} at column {exc.column})"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def run_guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
+    """Run a tool's body: warnings and library chatter off unless `debug`; any failure is one line + 1."""
+    if not debug:
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and status 1
+        from graftlib.errors import GraftError
+
+        if debug:
+            traceback.print_exc()
+        reason = one_line(exc)
+        if not isinstance(exc, (GraftError, CliFailure, OSError)):
+            reason = f"{type(exc).__name__}: {reason} (run with --debug for the traceback)"
+        print(f"{prog}: error: {reason}", file=sys.stderr)
+        return 1
