@@ -468,9 +468,18 @@ def _onnx_param_modules(nodes: list[_Node]) -> None:
         for i in node.inputs:
             param = nodes[i]
             if param.kind == "param" and param.target.startswith("graft.") and not param.tag:
+                name = param.target.rsplit(".", 1)[-1]
                 param.module = node.module
                 param.tag = {"adapter": param.target.split(".")[1], "site": node.module, "role": "param",
-                             "param": param.target.rsplit(".", 1)[-1]}
+                             "param": name, "pass": _method_of(name)}
+
+
+def _method_of(param: str) -> str | None:
+    """The method whose parameter this is, when its name starts with a known method (``lora_A``)."""
+    from .registry import _METHODS, _PASS_MODULES
+
+    prefix = param.split("_", 1)[0]
+    return prefix if "_" in param and prefix in set(_PASS_MODULES) | set(_METHODS) else None
 
 
 def _onnx_bytes(init: Any) -> bytes:
@@ -488,7 +497,8 @@ def _infer_onnx_tags(view: _View, inserted: list[int]) -> None:
         if node.tag is None:
             source = next((view.nodes[j].tag for j in node.inputs if view.nodes[j].tag), None)
             if source is not None:
-                node.tag = {"adapter": source["adapter"], "site": node.module, "role": "branch"}
+                node.tag = {"adapter": source["adapter"], "site": node.module, "role": "branch",
+                            "pass": source.get("pass")}
     users: dict[int, list[int]] = defaultdict(list)
     for i in inserted:
         for j in view.nodes[i].inputs:
@@ -498,7 +508,8 @@ def _infer_onnx_tags(view: _View, inserted: list[int]) -> None:
         if node.tag is None:
             tagged = [view.nodes[u].tag for u in users[i] if u in members and view.nodes[u].tag]
             if tagged and view.nodes[users[i][0]].module == node.module:
-                node.tag = {"adapter": tagged[0]["adapter"], "site": node.module, "role": "branch"}
+                node.tag = {"adapter": tagged[0]["adapter"], "site": node.module, "role": "branch",
+                            "pass": tagged[0].get("pass")}
 
 
 # -- turning arguments into views ----------------------------------------------------------------
@@ -783,6 +794,8 @@ def _same_weight(before: _View, after: _View, btarget: str, atarget: str) -> boo
 
 
 def _node_label(node: _Node) -> str:
+    if node.kind == "param" and node.tag and node.tag.get("param"):
+        return str(node.tag["param"])
     if node.kind == "param":
         return ".".join(node.target.split(".")[-2:])
     if node.kind == "input":
@@ -830,6 +843,8 @@ def _chain(view: _View, ids: list[str], members: list[int], site: SiteDiff) -> l
                 if source is not None:
                     inputs.append(ids[steps[step_of[source]][-1]] if source in step_of else ids[source])
         last = view.nodes[step[-1]]
+        if last.origin:  # ONNX: Transpose(A) then MatMul(x, .) reads better as linear(x,A)
+            tokens.sort(key=lambda token: token[0] == "param")
         op = _short(last.origin_op or last.op)
         items.append(ChainItem(_step_label(op, tokens), last.origin_op or last.op, [ids[i] for i in step],
                                list(dict.fromkeys(inputs)), (last.tag or {}).get("role")))
@@ -837,12 +852,9 @@ def _chain(view: _View, ids: list[str], members: list[int], site: SiteDiff) -> l
 
 
 def _step_args(view: _View, i: int, step: list[int]) -> list[int | str]:
-    """Arguments of node `i` from outside its step; ONNX steps list data inputs before weights."""
+    """Arguments of node `i` that come from outside its step."""
     inside = set(step)
-    args = [a for a in view.nodes[i].args if not (isinstance(a, int) and a in inside)]
-    if view.nodes[i].origin:
-        args.sort(key=lambda a: 1 if isinstance(a, int) and view.nodes[a].kind == "param" else 0)
-    return args
+    return [a for a in view.nodes[i].args if not (isinstance(a, int) and a in inside)]
 
 
 def _token(view: _View, arg: int | str, k: int, step_of: dict[int, int], externals: dict[int, str],
@@ -890,7 +902,26 @@ def diff(before: Any, after: Any, *, training: bool = False, example_inputs: Any
                          "(base and grafted) to ONNX, or pass both as PyTorch modules")
     bview = _view(before, training, example_inputs if example_inputs is not None else _example_inputs(after))
     aview = _view(after, training, example_inputs if example_inputs is not None else _example_inputs(before))
+    for side, other, view in ((before, after, bview), (after, before, aview)):
+        base_of = _base_of(side, other)
+        if base_of:
+            view.title = view.title.replace(type(side).__name__, f"{base_of} (base graph)", 1)
     return _Builder(bview, aview).build()
+
+
+def _base_of(side: Any, other: Any) -> str | None:
+    """The model class when `side` is `other`'s base graph module (a GraphModule sharing its weights)."""
+    from .grafted import Grafted
+
+    if not isinstance(side, fx.GraphModule) or not isinstance(other, Grafted) or _tagged_adapters(side.graph):
+        return None
+    targets = [n.target for n in side.graph.nodes if n.op == "get_attr"]
+    try:
+        shared = bool(targets) and all(weight_value(side, t) is weight_value(other.graph_module, t)
+                                       for t in targets[:3])
+    except AttributeError:
+        return None
+    return other._traced.model_class if shared else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,9 +952,9 @@ def _block_lines(site: SiteDiff, name: str, count: int = 1) -> list[tuple[str, s
     lines = []
     extra = []
     if site.rerouted:
-        extra.append(f"{len(site.rerouted)} rerouted")
+        extra.append(f"{len(site.rerouted)} rerouted{each}")
     if site.changed:
-        extra.append(f"{len(site.changed)} changed")
+        extra.append(f"{len(site.changed)} changed{each}")
     if site.inserted:
         counts = ", ".join(times + [f"+{_plural(len(site.inserted), 'node')}{each}"] + extra)
         body = _chain_text(site.chain) or ", ".join(_short(n.op) for n in site.inserted)
@@ -936,8 +967,9 @@ def _block_lines(site: SiteDiff, name: str, count: int = 1) -> list[tuple[str, s
         extra = []
     if extra and site.rerouted:
         r = site.rerouted[0]
-        lines.append(("~", name, who + f"{_short(r.node.op)} now reads {_readable(r.now)} "
-                                 f"(was {_readable(r.was)})", ", ".join(times + extra)))
+        now, was = _moved(r)
+        lines.append(("~", name, who + f"{_short(r.node.op)} now reads {now} (was {was})",
+                      ", ".join(times + extra)))
     elif extra:
         c = site.changed[0]
         lines.append(("~", name, who + f"{_short(c.node.op)} args {c.was} -> {c.now}", ", ".join(times + extra)))
@@ -950,6 +982,14 @@ def _block_lines(site: SiteDiff, name: str, count: int = 1) -> list[tuple[str, s
 
 def _readable(ids: list[str]) -> str:
     return ", ".join(i.split(":", 1)[-1] if i.startswith("param:") else i for i in ids) or "nothing"
+
+
+def _moved(r: Reroute) -> tuple[str, str]:
+    """The inputs of a rerouted node that changed: (now, was), other inputs left out."""
+    if len(r.now) == len(r.was):
+        pairs = [(n, w) for n, w in zip(r.now, r.was) if n != w]
+        return _readable([n for n, _ in pairs]), _readable([w for _, w in pairs])
+    return _readable(r.now), _readable(r.was)
 
 
 def _signature(site: SiteDiff) -> tuple[str, str] | None:
@@ -1027,7 +1067,8 @@ def _verbose_lines(site: SiteDiff, color: bool) -> list[str]:
             inputs = f" <- {', '.join(n.inputs)}" if n.inputs else ""
             lines.append(f"    {_paint(sign, sign, color)} {n.id}  {n.op}{role} {n.shape}{inputs}")
     for r in site.rerouted:
-        lines.append(f"    {_paint('~', '~', color)} {r.node.id}  reads {_readable(r.now)} (was {_readable(r.was)})")
+        now, was = _moved(r)
+        lines.append(f"    {_paint('~', '~', color)} {r.node.id}  reads {now} (was {was})")
     for c in site.changed:
         lines.append(f"    {_paint('~', '~', color)} {c.node.id}  args {c.was} -> {c.now}")
     return lines
@@ -1057,14 +1098,23 @@ def _dot(d: GraphDiff) -> str:
                      'color="#ced4da";')
         _dot_site(site, lines, name, edges)
         lines.append("  }")
-    for site in d.sites:
-        for node in site.context:
-            if node.id in names and not any(node.id == r.node.id for s in d.sites for r in s.rerouted):
-                lines.append(f"  {name(node.id)} [label={_dq(node.label)}];")
+    declared = set(names)
+    context = {n.id: n for site in d.sites for n in site.context}
     for src, dst, style in sorted(edges):
+        for node_id in (src, dst):
+            if node_id not in declared:
+                declared.add(node_id)
+                label = _context_label(context[node_id]) if node_id in context else node_id
+                lines.append(f"  {name(node_id)} [label={_dq(label)}];")
         lines.append(f"  {name(src)} -> {name(dst)}{style};")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _context_label(node: NodeRef) -> str:
+    """``query.linear``: a node outside the site, named by its module's last part and its op."""
+    owner = node.module.rsplit(".", 1)[-1]
+    return f"{owner}.{node.label}" if owner and node.kind == "call" else node.label
 
 
 def _dot_site(site: SiteDiff, lines: list[str], name: Callable[[str], str],
@@ -1097,7 +1147,7 @@ def _dot_site(site: SiteDiff, lines: list[str], name: Callable[[str], str],
 # ---------------------------------------------------------------------------------------------
 _FONT = 12.0
 _CHAR = 7.23            # DejaVu Sans Mono / Menlo advance at 12px
-_PAD = 10.0
+_PAD = 8.0
 _GAP = 6.0
 _ROW = 24.0
 _MAX_WIDTH = 1340.0
@@ -1153,7 +1203,7 @@ def _label_box(name: str, detail: str, cls: str, title: str = "", min_w: float =
 
 
 def _hstack(boxes: list[_Box], gap: float = _GAP, arrows: bool = False) -> _Box:
-    step = gap + (14 if arrows else 0)
+    step = gap + (10 if arrows else 0)
     w = sum(b.w for b in boxes) + step * max(len(boxes) - 1, 0)
     h = max((b.h for b in boxes), default=0)
 
@@ -1283,7 +1333,7 @@ def _render_module(tree: _Tree, path: str, label: str, depth: int) -> _Box:
     rows += _child_rows(tree, path, depth)
     numeric = len(kids) >= 4 and all(_relative(k, path).isdigit() for k in kids)
     inner = _grid(rows, _MAX_WIDTH - 2 * _PAD * (depth + 1)) if numeric else _vstack(rows)
-    return _frame(label or (d.after.split(" [")[0]), cls, inner, depth)
+    return _frame(label or cls or "model", cls if label else "", inner, depth)
 
 
 def _child_rows(tree: _Tree, path: str, depth: int) -> list[_Box]:
@@ -1317,13 +1367,15 @@ def _child_rows(tree: _Tree, path: str, depth: int) -> list[_Box]:
 def _site_rows(tree: _Tree, path: str, label: str) -> _Box:
     info = tree.d.modules.get(path, {})
     base = _label_box(label, info.get("op", ""), "site-base", path, min_w=0)
-    lines = [_site_line(k, site) for k, site in tree.groups[path]]
+    chips = len({s.who for s in tree.d.sites}) > 1
+    lines = [_site_line(k, site, chips) for k, site in tree.groups[path]]
     return _hstack([base, _vstack(lines, 4)], 10)
 
 
-def _site_line(k: int, site: SiteDiff) -> _Box:
+def _site_line(k: int, site: SiteDiff, chip: bool) -> _Box:
+    """One adapter's change at a site: [adapter] (step) -> (step) -> ... +n ~r (who only if several)."""
     parts: list[_Box] = []
-    if site.who:
+    if site.who and chip:
         parts.append(_pill(site.who, "who"))
     steps = [_pill(item.label, "ins", f"{item.op} ({item.role or 'inserted'})") for item in site.chain]
     steps += [_pill(item.label, "rem", f"{item.op} (removed)") for item in site.removed_chain]
@@ -1334,11 +1386,12 @@ def _site_line(k: int, site: SiteDiff) -> _Box:
     chain = _hstack(steps, 4, arrows=True) if steps else None
     badges = []
     if site.inserted:
-        badges.append(_pill(f"+{len(site.inserted)}", "count"))
+        badges.append(_pill(f"+{len(site.inserted)}", "count", _plural(len(site.inserted), "inserted node")))
     if site.removed:
         badges.append(_pill(f"-{len(site.removed)}", "rem"))
     if site.rerouted:
-        badges.append(_pill(f"~{len(site.rerouted)} rerouted", "rer"))
+        badges.append(_pill(f"~{len(site.rerouted)}", "rer", _plural(len(site.rerouted), "rerouted node") + ": "
+                            + ", ".join(r.node.id for r in site.rerouted)))
     if site.changed:
         badges.append(_pill(f"~{len(site.changed)} changed", "rer"))
     if site.weights:
@@ -1369,59 +1422,65 @@ def _overview(d: GraphDiff) -> str:
 
 
 def _local_graph(site: SiteDiff) -> str:
-    """The site's branch as a small left-to-right graph: context (grey) -> inserted (orange) -> users."""
+    """The site's branch, left to right: inputs (grey) -> steps (orange) -> rerouted users (blue);
+    adapter parameters sit above the step that reads them, side inputs below."""
     chain = site.chain or site.removed_chain
     kind = "ins" if site.chain else "rem"
     if not chain:
         return ""
-    labels: dict[str, tuple[str, str]] = {n.id: (n.label, "ctx") for n in site.context}
+    labels: dict[str, tuple[str, str]] = {n.id: (_context_label(n), "ctx") for n in site.context}
     for n in site.inserted + site.removed:
         if n.kind == "param":
-            labels[n.id] = (n.label.rsplit(".", 1)[-1], "prm")
+            labels[n.id] = (n.label, "prm")
     for item in chain:
         labels[item.key] = (item.label, kind)
-    users = [r for r in site.rerouted if any(s in {i.key for i in chain} for s in r.now)]
+    keys = {item.key for item in chain}
+    users = [r for r in site.rerouted if any(s in keys for s in r.now)]
     for r in users:
         labels[r.node.id] = (r.node.label + " (rerouted)", "usr")
     edges = [(src, item.key) for item in chain for src in item.inputs if src in labels]
-    edges += [(src, r.node.id) for r in users for src in r.now if src in labels and labels[src][1] == kind]
-    depth = _depths(labels, edges, chain)
-    columns: dict[int, list[str]] = defaultdict(list)
-    for node_id in labels:
-        if node_id in depth:
-            columns[depth[node_id]].append(node_id)
-    return _draw_layers(columns, labels, edges)
+    edges += [(src, r.node.id) for r in users for src in r.now if src in keys]
+    return _draw_local(_place(labels, edges, chain, [r.node.id for r in users]), labels, edges)
 
 
-def _depths(labels: dict[str, tuple[str, str]], edges: list[tuple[str, str]], chain: list[ChainItem]) -> dict[str, int]:
-    depth: dict[str, int] = {}
+def _place(labels: dict[str, tuple[str, str]], edges: list[tuple[str, str]], chain: list[ChainItem],
+           users: list[str]) -> dict[str, tuple[int, int]]:
+    """(column, row) per node: steps and users on row 1, parameters above, side inputs below."""
     preds: dict[str, list[str]] = defaultdict(list)
+    succs: dict[str, list[str]] = defaultdict(list)
     for src, dst in edges:
         preds[dst].append(src)
-    order = [i.key for i in chain] + [n for n, (_, k) in labels.items() if k == "usr"]
-    for node_id in order:
-        depth[node_id] = 1 + max((depth.get(p, 0) for p in preds[node_id] if labels[p][1] not in ("prm",)),
-                                 default=0)
+        succs[src].append(dst)
+    col: dict[str, int] = {}
+    for node_id in [i.key for i in chain] + users:
+        col[node_id] = 1 + max((col[p] for p in preds[node_id] if p in col), default=0)
+    first = min((col[i.key] for i in chain), default=1)
+    taken: set[tuple[int, int]] = {(col[n], 1) for n in col}
+    place = {n: (c, 1) for n, c in col.items()}
     for node_id, (_, kind) in labels.items():
-        succ = [dst for src, dst in edges if src == node_id]
-        if kind == "prm" and succ:
-            depth[node_id] = max(0, min(depth[s] for s in succ) - 1)
-        elif kind == "ctx" and succ:
-            depth[node_id] = 0
-    return depth
+        targets = [col[s] for s in succs[node_id] if s in col]
+        if node_id in place or not targets:
+            continue
+        c = max(0, min(targets) - 1)
+        row, step = (0, -1) if kind == "prm" else ((1, 1) if min(targets) == first else (2, 1))
+        while (c, row) in taken:
+            row += step
+        taken.add((c, row))
+        place[node_id] = (c, row)
+    return place
 
 
-def _draw_layers(columns: dict[int, list[str]], labels: dict[str, tuple[str, str]],
-                 edges: list[tuple[str, str]]) -> str:
-    pos: dict[str, tuple[float, float, float]] = {}
-    x = _PAD
-    height = 0.0
-    for col in sorted(columns):
-        width = max(_tw(labels[n][0]) + 16 for n in columns[col])
-        for row, node_id in enumerate(columns[col]):
-            pos[node_id] = (x, _PAD + row * 32, _tw(labels[node_id][0]) + 16)
-        height = max(height, _PAD + len(columns[col]) * 32)
-        x += width + 36
+def _draw_local(place: dict[str, tuple[int, int]], labels: dict[str, tuple[str, str]],
+                edges: list[tuple[str, str]]) -> str:
+    top = min(r for _, r in place.values())
+    widths: dict[int, float] = defaultdict(float)
+    for node_id, (c, _) in place.items():
+        widths[c] = max(widths[c], _tw(labels[node_id][0]) + 16)
+    xs, x = {}, _PAD
+    for c in range(max(widths) + 1):
+        xs[c] = x
+        x += widths.get(c, 0) + (44 if c in widths else 0)
+    pos = {n: (xs[c], _PAD + (r - top) * 32, _tw(labels[n][0]) + 16) for n, (c, r) in place.items()}
     out = []
     for src, dst in edges:
         if src in pos and dst in pos:
@@ -1435,7 +1494,8 @@ def _draw_layers(columns: dict[int, list[str]], labels: dict[str, tuple[str, str
         label, kind = labels[node_id]
         out.append(f'<g class="{kind}"><title>{_e(node_id)}</title><rect x="{px:.1f}" y="{py:.1f}" '
                    f'width="{pw:.1f}" height="20" rx="10"/>{_text_el(px + 8, py + 14, label)}</g>')
-    w, h = x - 36 + _PAD, height + _PAD
+    w = x - 44 + _PAD
+    h = max(py for _, py, _ in pos.values()) + 20 + _PAD
     return (f'<svg class="local" xmlns="http://www.w3.org/2000/svg" width="{w:.0f}" height="{h:.0f}" '
             f'viewBox="0 0 {w:.0f} {h:.0f}">{_SVG_DEFS}{"".join(out)}</svg>')
 
@@ -1449,7 +1509,7 @@ def _node_rows(site: SiteDiff) -> str:
                         f'<td>{_e(", ".join(n.inputs))}</td></tr>')
     for r in site.rerouted:
         rows.append(f'<tr class="w"><td>~</td><td>{_e(r.node.id)}</td><td>{_e(r.node.op)}</td><td>rerouted</td>'
-                    f'<td>{_e(r.node.shape)}</td><td>now {_e(_readable(r.now))}<br>was {_e(_readable(r.was))}'
+                    f'<td>{_e(r.node.shape)}</td><td>now {_e(_moved(r)[0])}<br>was {_e(_moved(r)[1])}'
                     '</td></tr>')
     for c in site.changed:
         rows.append(f'<tr class="w"><td>~</td><td>{_e(c.node.id)}</td><td>{_e(c.node.op)}</td><td>changed</td>'
@@ -1530,6 +1590,7 @@ font-size:12.5px}}
 details.site[open]{{border-color:#ffc078}} .body{{overflow-x:auto;padding:8px 0 4px}}
 table{{border-collapse:collapse;font:12px ui-monospace,"DejaVu Sans Mono",Menlo,monospace;margin-top:8px}}
 td,th{{border-bottom:1px solid #f1f3f5;padding:3px 10px 3px 0;text-align:left;vertical-align:top}}
+td:nth-child(5){{white-space:nowrap}}
 tr.i td:first-child{{color:{HIGHLIGHT};font-weight:bold}} tr.r td:first-child{{color:#c92a2a}}
 tr.w td:first-child{{color:#1971c2}}
 button{{font:inherit;font-size:12.5px;padding:2px 10px;margin-left:8px;border:1px solid #ced4da;
@@ -1547,7 +1608,9 @@ function setAll(v){document.querySelectorAll('details.site').forEach(function(d)
 
 def _html(d: GraphDiff, title: str | None) -> str:
     title = title or f"graftlib diff: {d.after}"
-    legend = (f'<div class="legend"><span><i style="background:{HIGHLIGHT}"></i>inserted</span>'
+    whos = {s.who for s in d.sites}
+    by = f" by {next(iter(whos))}" if len(whos) == 1 and next(iter(whos)) else ""
+    legend = (f'<div class="legend"><span><i style="background:{HIGHLIGHT}"></i>inserted{_e(by)}</span>'
               '<span><i style="background:#fff5f5;border:1px dashed #e03131"></i>removed</span>'
               '<span><i style="background:#e7f5ff;border:1px solid #74c0fc"></i>rerouted</span>'
               '<span><i style="background:#f1f3f5;border:1px solid #e9ecef"></i>unchanged module '
@@ -1562,9 +1625,9 @@ def _html(d: GraphDiff, title: str | None) -> str:
 <body><header><h1>{_e(title)}</h1>
 <div class="sides"><span class="b">--- {_e(d.before)}</span><br><span class="a">+++ {_e(d.after)}</span></div>
 <div class="chips">{_summary_html(d)}</div></header>
-<main>{legend}
+<main><h2>Changes</h2>{_compact_html(d) or '<p class="muted">none</p>'}
+<h2>Graph</h2>{legend}
 <div class="scroll">{_overview(d)}</div>
-<h2>Changes</h2>{_compact_html(d) or '<p class="muted">none</p>'}
 <h2>Sites{buttons}</h2>{sites or '<p class="muted">none</p>'}
 </main><script>{_SCRIPT}</script></body></html>
 """
