@@ -263,6 +263,7 @@ class _Node:
     origin: str = ""                # ONNX: the fx node this node was lowered from (display only)
     origin_op: str = ""
     value: str | None = None        # ONNX: scalar value of a Constant node
+    join_base: int | None = None    # a join's base value (the main path it re-enters)
 
 
 @dataclass
@@ -367,6 +368,13 @@ def _fx_module(node: fx.Node, tag: dict[str, Any] | None, stack: list[tuple[str,
     return stack[-1][0] if stack else ""
 
 
+def _join_base(node: fx.Node, tag: dict[str, Any] | None, index: dict[fx.Node, int]) -> int | None:
+    if not tag or tag.get("role") != "join" or not isinstance(tag.get("base"), int):
+        return None
+    base = node.args[tag["base"]] if tag["base"] < len(node.args) else None
+    return index[base] if isinstance(base, fx.Node) else None
+
+
 def _fx_view(graph: fx.Graph, owner: nn.Module | None, title: str) -> _View:
     index = {node: i for i, node in enumerate(graph.nodes)}
     nodes: list[_Node] = []
@@ -385,7 +393,7 @@ def _fx_view(graph: fx.Graph, owner: nn.Module | None, title: str) -> _View:
                            inputs=[index[n] for n in _flat_nodes((node.args, node.kwargs))],
                            args=_fx_template(node, index), consts=consts, tag=dict(tag) if tag else None,
                            target=str(node.target) if kind in ("param", "input") else "",
-                           shape=_shape(node)))
+                           shape=_shape(node), join_base=_join_base(node, tag, index)))
     weight = (lambda target: weight_value(owner, target)) if owner is not None else None
     return _View(title, nodes, modules, weight)
 
@@ -722,7 +730,13 @@ class _Builder:
             site.chain = _chain(self.after, self.aids, self.members.get(key, []), site)
             site.removed_chain = _chain(self.before, self.bids, self.removed_members.get(key, []), site)
             site.context = self._context(site)
-        sites = [self.groups[k] for k in sorted(self.groups, key=lambda k: self.order[k])]
+        site_first: dict[str, float] = {}
+        for (site, _, _), position in self.order.items():
+            site_first[site] = min(site_first.get(site, position), position)
+        # at one site, adapters in data-flow order: the one whose branch re-enters first comes first
+        last = {k: max(self.members[k], default=self.order[k]) for k in self.groups}
+        order = sorted(self.groups, key=lambda k: (site_first[k[0]], last[k]))
+        sites = [self.groups[k] for k in order]
         return GraphDiff(self.before.title, self.after.title, sites, self._modules())
 
     def _matched_changes(self) -> None:
@@ -837,6 +851,9 @@ def _chain(view: _View, ids: list[str], members: list[int], site: SiteDiff) -> l
         inputs: list[str] = []
         for i in step:
             for arg in _step_args(view, i, step):
+                if arg == view.nodes[i].join_base and arg not in step_of:
+                    inputs.append(ids[arg])       # the main path this branch re-enters
+                    continue
                 kind, text, source = _token(view, arg, k, step_of, externals, site)
                 if text:
                     tokens.append((kind, text))
@@ -1575,7 +1592,8 @@ svg .site-base rect{{fill:#fff;stroke:#868e96}} svg .site-base .name{{font-weigh
 svg .ins rect{{fill:{HIGHLIGHT};stroke:{HIGHLIGHT}}} svg .ins text{{fill:#fff}}
 svg .who rect{{fill:#fff4e6;stroke:#ffc078}} svg .who text{{fill:#d9480f}}
 svg .count rect{{fill:#fff;stroke:#ffc078}} svg .count text{{fill:#d9480f}}
-svg .rem rect{{fill:#fff5f5;stroke:{_COLORS['removed']};stroke-dasharray:4 2}} svg .rem text{{fill:#c92a2a}}
+svg .rem rect{{fill:#fff5f5;stroke:{_COLORS['removed']};stroke-dasharray:4 2}}
+svg .rem text{{fill:#c92a2a;text-decoration:line-through}}
 svg .rer rect{{fill:#e7f5ff;stroke:#74c0fc}} svg .rer text{{fill:{_COLORS['reroute']}}}
 svg .wt rect{{fill:#f3f0ff;stroke:#b197fc}} svg .wt text{{fill:{_COLORS['weight']}}}
 svg .ctx rect{{fill:{_COLORS['box']};stroke:#ced4da}}
