@@ -15,7 +15,7 @@ from typing import Any
 
 from graftlib.tools._cli import CliFailure as _Failure
 from graftlib.tools._cli import run_guarded
-from graftlib.tools.export_cli import _base_of, _load_hf, _read_graft
+from graftlib.tools.export_cli import _load_hf, _read_graft
 
 __all__ = ["main", "build_parser"]
 
@@ -45,9 +45,23 @@ def _graft_diff(directory: Path, model_dir: str | None) -> Any:
         if not (base_dir / "config.json").is_file():
             raise _Failure(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     else:
-        base_dir, class_name = _base_of(directory, meta)
+        base_dir, class_name = _named_base(directory, meta)
     grafted = graftlib.load(_load_hf(base_dir, class_name), directory)
     return grafted.diff()
+
+
+def _named_base(graft_dir: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
+    """The base model directory graft.json names (absolute, or relative to the graft directory)."""
+    base = meta.get("base_model") or {}
+    name = base.get("name_or_path")
+    if not name:
+        raise _Failure(f"{graft_dir}/graft.json does not name its base model: "
+                       f"pass it with {PROG} {graft_dir} --model BASE_DIR")
+    for candidate in (Path(name), graft_dir / name):
+        if (candidate / "config.json").is_file():
+            return candidate, base.get("class")
+    raise _Failure(f"{graft_dir} was grafted on {name!r}, which is not a local model directory: "
+                   f"pass it with {PROG} {graft_dir} --model BASE_DIR")
 
 
 def _onnx_diff(before: Path, after: Path) -> Any:
