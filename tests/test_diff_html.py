@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -14,10 +15,9 @@ from torch import nn
 
 import graftlib
 from graftlib.diff import HIGHLIGHT
-from models import build
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                 reason="no chromium here (CI installs it and must not skip)")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -68,34 +68,66 @@ def _png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     return width, channels, rows
 
 
-def _count_colour(path: Path, hex_colour: str, tolerance: int = 12) -> int:
+def _highlight_bands(path: Path, hex_colour: str, tolerance: int = 12) -> tuple[int, int]:
+    """(pixels of the colour, horizontal bands of rows that hold at least 20 of them)."""
     target = bytes.fromhex(hex_colour.lstrip("#"))
     width, channels, rows = _png_pixels(path)
-    hits = 0
+    total, bands, inside = 0, 0, False
     for row in rows:
-        for x in range(width):
-            px = row[x * channels:x * channels + 3]
-            if all(abs(px[i] - target[i]) <= tolerance for i in range(3)):
-                hits += 1
-    return hits
+        hits = sum(1 for x in range(width)
+                   if all(abs(row[x * channels + i] - target[i]) <= tolerance for i in range(3)))
+        total += hits
+        if hits >= 20 and not inside:
+            bands += 1
+        inside = hits >= 20
+    return total, bands
 
 
-def test_highlighted_nodes_are_drawn(tmp_path):
-    model, _ = build("bert")
-    grafted = graftlib.apply(model, "lora(q,v,r=4)")
+def _svg(dom: str, cls: str) -> str:
+    start = dom.index(f'<svg class="{cls}"')
+    return dom[start:dom.index("</svg>", start)]
+
+
+@pytest.fixture(scope="module")
+def twelve_layers():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=12, num_attention_heads=4,
+                                 intermediate_size=64)).eval()
+    return graftlib.apply(model, "lora(q,v,r=4)").eval()
+
+
+@needs_chromium
+def test_highlighted_nodes_are_drawn(tmp_path, twelve_layers):
+    grafted = twelve_layers
+    steps = sum(1 for n in grafted.runtime_module().graph.nodes
+                if n.op == "call_function" and (n.meta.get("custom") or {}).get("graft"))
     page = tmp_path / "diff.html"
     page.write_text(grafted.diff().to_html())
     base_page = tmp_path / "base.html"
     with grafted.disable_adapters():
         base_page.write_text(grafted.diff().to_html())
-    shots = {}
+    found = {}
     for name, html in (("grafted", page), ("base", base_page)):
         shot = tmp_path / f"{name}.png"
         result = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,1000", html.as_uri())
         assert shot.is_file(), result.stderr[-2000:]
-        shots[name] = _count_colour(shot, HIGHLIGHT)
-    assert shots["grafted"] > 500, "inserted nodes are drawn in the highlight colour"
-    assert shots["base"] < shots["grafted"] / 10, "nothing is highlighted when nothing was inserted"
+        found[name] = _highlight_bands(shot, HIGHLIGHT)
+    (pixels, bands), (base_pixels, base_bands) = found["grafted"], found["base"]
+    print(f"highlight pixels {pixels} in {bands} bands; base page {base_pixels} in {base_bands}")
+    assert pixels > 5000 and bands >= 5, "inserted nodes of several sites are drawn in the highlight colour"
+    assert base_bands <= 1 and base_pixels < 500, "only the legend's swatch when nothing was inserted"
+    dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert _svg(dom.stdout, "overview").count('<g class="ins">') == steps == 24 * 3
+    assert dom.stdout.count('<details class="site"') == 24
+
+
+def test_page_is_self_contained(twelve_layers):
+    html = twelve_layers.diff().to_html()
+    assert not re.search(r"<(link|img|iframe|object)\b|<script[^>]*\bsrc=|url\(\s*['\"]?https?:", html)
+    assert set(re.findall(r"https?://[^\s\"'<>)]+", html)) == {"http://www.w3.org/2000/svg"}
 
 
 class _Named(nn.Module):
@@ -107,6 +139,7 @@ class _Named(nn.Module):
         return getattr(self, "<script>alert(1)</script>")(x)
 
 
+@needs_chromium
 def test_module_names_are_escaped(tmp_path):
     model = _Named()
     grafted = graftlib.apply(model, 'lora("*script*", r=2)', example_inputs=(torch.randn(2, 4),))
