@@ -375,11 +375,17 @@ def _join_base(node: fx.Node, tag: dict[str, Any] | None, index: dict[fx.Node, i
     return index[base] if isinstance(base, fx.Node) else None
 
 
+def _is_guard(node: fx.Node) -> bool:
+    """torch.export's input-guard call (``_guards_fn``): a check, not a model op."""
+    return node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users
+
+
 def _fx_view(graph: fx.Graph, owner: nn.Module | None, title: str) -> _View:
-    index = {node: i for i, node in enumerate(graph.nodes)}
+    kept = [node for node in graph.nodes if not _is_guard(node)]
+    index = {node: i for i, node in enumerate(kept)}
     nodes: list[_Node] = []
     modules: dict[str, str] = {"": ""}
-    for node in graph.nodes:
+    for node in kept:
         tag = graft_tag(node)
         stack = _stack(node)
         for path, cls in stack:
@@ -1205,7 +1211,7 @@ def _pill(label: str, cls: str, title: str = "") -> _Box:
 
 
 def _label_box(name: str, detail: str, cls: str, title: str = "", min_w: float = 0) -> _Box:
-    w = max(min_w, _tw(name) + (_tw(detail, 11) + 10 if detail else 0) + 20)
+    w = max(min_w, _tw(name) + (_tw(detail, 11) + 14 if detail else 0) + 20)
     h = 22.0
 
     def draw(x: float, y: float) -> list[str]:
