@@ -9,6 +9,7 @@ Exit codes: 0 ok, 2 usage, 1 failure with a one-line reason on stderr (``--debug
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     parser.add_argument("--verbose", action="store_true", help="text: every site and node, no collapsing")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                        help="ANSI colours in text (auto: when stdout is a terminal)")
+                        help="ANSI colours in text (auto: when stdout is a terminal and NO_COLOR is unset)")
     parser.add_argument("--debug", action="store_true", help="show warnings and tracebacks")
     return parser
 
@@ -85,7 +86,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = _graft_diff(sources[0], args.model)
     else:
         parser.error("give one saved graft directory, or two .onnx files (base, then grafted)")
-    color = args.color == "always" or (args.color == "auto" and args.output is None and sys.stdout.isatty())
+    color = args.color == "always" or (args.color == "auto" and args.output is None and sys.stdout.isatty()
+                                       and not os.environ.get("NO_COLOR"))
     text = result.format(args.format, color=color, verbose=args.verbose)
     if args.output:
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
