@@ -89,7 +89,7 @@ class ExportReport:
     def __str__(self) -> str:
         added = ", ".join(f"{op} {n:+d}" for op, n in self.ops_added.items()) or "none (same ops as the base)"
         lines = [
-            f"wrote {self.path} ({_size(self.file_size)}{', external data' if self.external_data else ''}, "
+            f"wrote {self.path} ({format_size(self.file_size)}{', external data' if self.external_data else ''}, "
             f"opset {self.opset})",
             f"  inputs:      {', '.join(f'{k} {_shape(v)}' for k, v in self.inputs.items())}",
             f"  outputs:     {', '.join(self.outputs)}",
@@ -108,7 +108,8 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def format_size(n: float) -> str:
+    """Bytes as a short human-readable size: 512 B, 88.4 MB."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlib.export import format_size
+
 __all__ = ["main", "build_parser", "run", "Demo", "SentenceClassifier", "load_reviews", "batch_order", "ARTEFACTS"]
 
 PROG = "graftlib-demo"
@@ -297,14 +299,6 @@ def _move_files(source: Path, target: Path) -> None:
             os.replace(entry, target / entry.name)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -490,7 +484,7 @@ class Demo:
         path = self.staging / "model.onnx"
         report = export_onnx(self.g, path, merge=True, verify=True)
         worst = max(report.max_abs_diff.values(), default=math.inf)
-        self.console.say(f"model.onnx: {_size(report.file_size)}, opset {report.opset}, inputs "
+        self.console.say(f"model.onnx: {format_size(report.file_size)}, opset {report.opset}, inputs "
                          f"{', '.join(report.inputs)}; merged {', '.join(report.merged) or '-'}, "
                          f"kept as nodes {', '.join(report.kept) or '-'}")
         self.console.say(f"verified with onnxruntime at {len(report.max_abs_diff)} fresh shapes: "
@@ -561,7 +555,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         print(f"  {key:<10} {value}")
     print(f"  {'files':<10} {s['out']}/")
     for name, info in s["files"].items():
-        size = _size(Path(info["path"]).stat().st_size) if Path(info["path"]).exists() else "?"
+        size = format_size(Path(info["path"]).stat().st_size) if Path(info["path"]).exists() else "?"
         print(f"    {name:<30} {size:>9}")
     print(f"  open {s['out']}/diff.html to see the graph diff")
 
