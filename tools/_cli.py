@@ -7,8 +7,10 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-__all__ = ["CliFailure", "one_line", "run_guarded"]
+__all__ = ["CliFailure", "one_line", "run_guarded", "named_base"]
 
 
 class CliFailure(Exception):
@@ -46,3 +48,16 @@ def run_guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
             reason = f"{type(exc).__name__}: {reason} (run with --debug for the traceback)"
         print(f"{prog}: error: {reason}", file=sys.stderr)
         return 1
+
+
+def named_base(graft_dir: Path, meta: dict[str, Any], fix: str) -> tuple[Path, str | None]:
+    """The base model directory a saved graft's graft.json names (absolute, or relative to the graft
+    directory) and its class; `fix` tells the user how to name it instead."""
+    base = meta.get("base_model") or {}
+    name = base.get("name_or_path")
+    if not name:
+        raise CliFailure(f"{graft_dir}/graft.json does not name its base model: {fix}")
+    for candidate in (Path(name), graft_dir / name):
+        if (candidate / "config.json").is_file():
+            return candidate, base.get("class")
+    raise CliFailure(f"{graft_dir} was grafted on {name!r}, which is not a local model directory: {fix}")

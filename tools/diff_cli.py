@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from graftlib.tools._cli import CliFailure as _Failure
-from graftlib.tools._cli import run_guarded
+from graftlib.tools._cli import named_base, run_guarded
 from graftlib.tools.export_cli import _load_hf, _read_graft
 
 __all__ = ["main", "build_parser"]
@@ -52,17 +52,7 @@ def _graft_diff(directory: Path, model_dir: str | None) -> Any:
 
 
 def _named_base(graft_dir: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    """The base model directory graft.json names (absolute, or relative to the graft directory)."""
-    base = meta.get("base_model") or {}
-    name = base.get("name_or_path")
-    if not name:
-        raise _Failure(f"{graft_dir}/graft.json does not name its base model: "
-                       f"pass it with {PROG} {graft_dir} --model BASE_DIR")
-    for candidate in (Path(name), graft_dir / name):
-        if (candidate / "config.json").is_file():
-            return candidate, base.get("class")
-    raise _Failure(f"{graft_dir} was grafted on {name!r}, which is not a local model directory: "
-                   f"pass it with {PROG} {graft_dir} --model BASE_DIR")
+    return named_base(graft_dir, meta, f"pass it with {PROG} {graft_dir} --model BASE_DIR")
 
 
 def _onnx_diff(before: Path, after: Path) -> Any:

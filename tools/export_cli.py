@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from graftlib.tools._cli import CliFailure, one_line, run_guarded
+from graftlib.tools._cli import CliFailure, named_base, one_line, run_guarded
 
 __all__ = ["main", "default_model_dir", "build_parser"]
 
@@ -105,16 +105,7 @@ def _read_graft(directory: str) -> dict[str, Any]:
 
 
 def _base_of(graft_dir: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    base = meta.get("base_model") or {}
-    name = base.get("name_or_path")
-    if not name:
-        raise _Failure(f"{graft_dir}/graft.json does not name its base model: "
-                       f"pass --model BASE_DIR --adapter {graft_dir}")
-    for candidate in (Path(name), graft_dir / name):
-        if (candidate / "config.json").is_file():
-            return candidate, base.get("class")
-    raise _Failure(f"{graft_dir} was grafted on {name!r}, which is not a local model directory: "
-                   f"pass --model BASE_DIR --adapter {graft_dir}")
+    return named_base(graft_dir, meta, f"pass --model BASE_DIR --adapter {graft_dir}")
 
 
 def _build(args: argparse.Namespace) -> Any:
