@@ -17,6 +17,7 @@ from .runtime import build_module, copy_graph, flat_module, op_histogram, specia
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
 from .trace import Traced, trace
+from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
 __all__ = ["Grafted", "GraftRecord", "apply"]
 
@@ -81,6 +82,7 @@ class Grafted(nn.Module):
         self._active: tuple[str, ...] = ()
         self._runtimes: dict[tuple, fx.GraphModule] = {}
         self._variants: dict[frozenset[str], "Grafted"] = {}
+        self._no_gain: set[frozenset[str]] = set()  # unpadded variants that would equal the masked graph
         self.retraceable = model is not None
         self.train(model.training if model is not None else False)
 
@@ -340,8 +342,11 @@ class Grafted(nn.Module):
         for key, value in constants.items():
             if inputs.get(key, value) == value:
                 inputs[key] = value
-        if inputs.keys() != set(self._traced.input_names) | constants.keys():
-            return self._variant(inputs)(**inputs)
+        unpadded = not self._unpadded and is_unpadded_call(self._traced.config, inputs)
+        if unpadded or inputs.keys() != set(self._traced.input_names) | constants.keys():
+            variant = self._variant(inputs, unpadded)
+            if variant is not self:
+                return variant(**inputs)
         return self._runtime_pair()[1](**inputs)
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -350,33 +355,56 @@ class Grafted(nn.Module):
             raise TypeError("this grafted module takes keyword arguments only")
         return dict(signature.bind_partial(*args, **kwargs).arguments)
 
-    def _variant(self, inputs: dict[str, Any]) -> "Grafted":
-        """The same grafts traced for another set of inputs (e.g. with ``labels``)."""
-        key = frozenset(inputs)
+    _unpadded = False  # True on a variant traced for unpadded batches (see unpadded.py)
+
+    def _variant(self, inputs: dict[str, Any], unpadded: bool = False) -> "Grafted":
+        """The same grafts traced for another set of inputs (e.g. with ``labels``), or for unpadded
+        batches; ``self`` when the unpadded trace would equal this graph (no mask to skip)."""
+        key = frozenset(inputs) | ({UNPADDED} if unpadded else frozenset())
         variant = self._variants.get(key)
-        if variant is not None:
-            return variant
-        traced_with = ", ".join(sorted(set(self._traced.input_names) | self._traced.constants.keys()))
+        if variant is None and key in self._no_gain:
+            return self._variant(inputs) if inputs.keys() != self._traced_keys() else self
+        if variant is None:
+            variant = self._make_variant(inputs, unpadded)
+            if variant is None:
+                self._no_gain.add(key)
+                return self._variant(inputs, unpadded)
+            self._variants[key] = variant
+        variant._active, variant.training = self._active, self.training  # follow set_active / train
+        return variant
+
+    def _traced_keys(self) -> set[str]:
+        return set(self._traced.input_names) | self._traced.constants.keys()
+
+    def _make_variant(self, inputs: dict[str, Any], unpadded: bool) -> "Grafted | None":
+        traced_with = ", ".join(sorted(self._traced_keys()))
         source = getattr(self, "_merged_from", None)
         if source is not None:  # a merged module: trace its source for these inputs, merge the same way
             grafted, names = source
-            variant = grafted._variant(inputs).merge(adapters=names)
-            variant.set_active(self._active)
-            variant.train(self.training)
-            self._variants[key] = variant
-            return variant
+            traced = grafted._variant(inputs, unpadded)
+            if unpadded and traced is grafted:
+                return None
+            merged = traced.merge(adapters=names)
+            merged._unpadded = unpadded
+            return merged
         if not self.retraceable:
+            if unpadded:
+                return None
             raise GraftError(
-                f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(key))}); "
+                f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(inputs))}); "
                 "a module merged in place cannot re-trace: call it with the traced inputs, or graft "
                 "with example_inputs that include the others before merging")
-        traced = trace(self._model, dict(inputs), dynamic=self._traced.dynamic)
+        examples = dict(inputs)
+        if inputs.keys() == self._traced_keys():  # the unpadded twin: trace on the original examples,
+            examples = dict(self._traced.example_inputs)  # whose sizes (not 0 or 1) stay dynamic
+        with assume_unpadded() if unpadded else contextlib.nullcontext():
+            traced = trace(self._model, examples, dynamic=self._traced.dynamic)
+        if unpadded and masked_attention_count(traced.graph) >= masked_attention_count(self._base_graph):
+            return None
         variant = Grafted(traced, self._model)
+        variant._unpadded = unpadded
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)
-        variant.set_active(self._active) if self._active else variant.set_active(())
-        variant.train(self.training)
-        self._variants[key] = variant
         return variant
 
     def add_records(self, records: Iterable[GraftRecord]) -> None:
@@ -416,7 +444,7 @@ class Grafted(nn.Module):
         new._base_graph = self._base_graph
         new.records = [dataclasses.replace(r) for r in self.records]
         new._active = self._active
-        new._runtimes, new._variants = {}, {}
+        new._runtimes, new._variants, new._no_gain = {}, {}, set()
         new.retraceable = False
         new.training = self.training
         return new

@@ -150,7 +150,7 @@ IMAGE = {"vit", "resnet", "convnext", "convnet"}
 
 
 def inputs_for(name: str, batch: int = 2, seq: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Keyword inputs for `name`; padding in the last row's final position where there is a mask."""
+    """Keyword inputs for `name`, with an all-ones attention mask (tests pad where they need padding)."""
     g = torch.Generator().manual_seed(seed)
     if name in IMAGE:
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
