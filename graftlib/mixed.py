@@ -35,6 +35,7 @@ from .errors import GraftError, near_names
 from .runtime import specialise
 from .select import SiteIndex
 from .sites import Site
+from .unpadded import is_unpadded_call
 
 if TYPE_CHECKING:
     from .grafted import Grafted
@@ -55,9 +56,10 @@ def mixed_forward(g: "Grafted", kwargs: dict[str, Any], adapter_names: Sequence[
         if inputs.get(key, value) == value:
             inputs[key] = value
     names = _check_names(g, inputs, adapter_names)
+    unpadded = not g._unpadded and is_unpadded_call(g._traced.config, inputs)
     target = g
-    if inputs.keys() != set(g._traced.input_names) | g._traced.constants.keys():
-        target = g._variant(inputs)
+    if unpadded or inputs.keys() != set(g._traced.input_names) | g._traced.constants.keys():
+        target = g._variant(inputs, unpadded)
     chosen = tuple(sorted(set(names) - {BASE}))
     module = mixed_module(target, chosen)
     slot = {name: i + 1 for i, name in enumerate(chosen)}

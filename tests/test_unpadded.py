@@ -133,3 +133,21 @@ def test_hand_written_models_are_not_retraced():
     out = g(**inputs)
     assert g._variants == {} and g._no_gain == set()  # no Hugging Face config: the mask is the user's
     torch.testing.assert_close(out, model(**inputs), atol=TOL, rtol=0)  # B is zero: base output
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_mixed_batch_runs_on_the_twin(arch):
+    model, _ = build(arch)
+    g = graftlib.apply(model, "lora(q,v,r=4,name=a) + lora(q,v,r=2,name=b)").eval()
+    for param in g.trainable_parameters().values():
+        torch.nn.init.normal_(param, std=0.2)
+    inputs = inputs_for(arch, batch=3, seq=7)
+    names = ["a", "__base__", "b"]
+    mixed = _hidden(g(**inputs, adapter_names=names))
+    assert [masked_attention_count(v.graph) for k, v in g._variants.items() if UNPADDED in k] == [0]
+    rows = []
+    for row, name in enumerate(names):
+        g.set_active([] if name == "__base__" else [name])
+        row_inputs = {k: v[row : row + 1] for k, v in inputs.items()}
+        rows.append(_masked_graph(g, row_inputs))
+    torch.testing.assert_close(mixed, torch.cat(rows), atol=TOL, rtol=0)
