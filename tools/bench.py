@@ -1,11 +1,13 @@
 """Benchmark graftlib against PEFT and the bare base model, side by side in one process.
 
-    python -m graftlib.tools.bench               # full run (bert-base + a Llama-shaped model), ~15 min
+    python -m graftlib.tools.bench               # full run (bert-base + a Llama-shaped model), ~20 min
     python -m graftlib.tools.bench --quick       # tiny models, a smoke run
 
 Contenders are interleaved (each repetition times every contender once, in rotating order) and the
 table reports medians and ratios. Memory and the 1B-scale apply run in fresh subprocesses so their
-peak RSS is theirs alone. Results: a markdown table on stdout and JSON in --json.
+peak RSS is theirs alone; torch.compile's compile time runs each contender in a fresh subprocess with
+its own inductor cache directory, cold (empty) and warm (a second process on it), so neither reuses
+the other's kernels or a cache left by earlier runs. Results: a markdown table on stdout and JSON in --json.
 """
 from __future__ import annotations
 
@@ -151,15 +153,23 @@ def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _contenders(m: Models, merged: bool = False):
+def _graftlib_contender(base: torch.nn.Module) -> torch.nn.Module:
     import graftlib
 
-    base = _no_dropout(m.build())
     g = graftlib.apply(base, "lora(q,v,r=16)").eval()
     _randomise_lora(g)
+    return g
+
+
+def _peft_contender(base: torch.nn.Module, m: Models) -> torch.nn.Module:
     peft_model = _peft(copy.deepcopy(base), m.targets).eval()
     _randomise_lora(peft_model)
-    return base, g, peft_model
+    return peft_model
+
+
+def _contenders(m: Models):
+    base = _no_dropout(m.build())
+    return base, _graftlib_contender(base), _peft_contender(base, m)
 
 
 def bench_forward(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]:
@@ -196,18 +206,9 @@ def bench_train(m: Models, shapes: list[tuple[int, int]], reps: int, compiled: b
     rows = []
     g_run, p_run = g, peft_model
     note = ""
-    if compiled:
+    if compiled:  # steady state only: compile time is measured in fresh processes (bench_compile_time)
         g_run = torch.compile(g, fullgraph=True)
         p_run = torch.compile(peft_model)
-        x = _inputs(m, *shapes[0])
-        start = time.perf_counter()
-        _train_step(g_run, x, g_opt)()
-        g_compile = time.perf_counter() - start
-        start = time.perf_counter()
-        _train_step(p_run, x, p_opt)()
-        p_compile = time.perf_counter() - start
-        rows.append(Row("5 torch.compile: compile time", f"{m.name} first train step", g_compile * 1000,
-                        p_compile * 1000, note="graftlib fullgraph=True"))
     section = "5 torch.compile: train step" if compiled else "3 train step (fwd+bwd+AdamW)"
     for batch, seq in shapes:
         x = _inputs(m, batch, seq)
@@ -326,12 +327,65 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _subprocess_json(what: str, quick: bool) -> dict[str, Any]:
+def _subprocess_json(what: str, quick: bool, script: str = _MEMORY_SCRIPT,
+                     env: dict[str, str] | None = None) -> dict[str, Any]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = _MEMORY_SCRIPT.format(root=root)
-    out = subprocess.run([sys.executable, "-c", script, what, "1" if quick else "0"], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run([sys.executable, "-c", script.format(root=root), what, "1" if quick else "0"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys, time, torch
+    sys.path.insert(0, {root!r})
+    from torch._dynamo.utils import counters
+    from graftlib.tools.bench import _bert, _graftlib_contender, _inputs, _no_dropout, _peft_contender, _train_step
+    who, quick = sys.argv[1], sys.argv[2] == "1"
+    torch.manual_seed(0)
+    m = _bert(quick)
+    base = _no_dropout(m.build())
+    module = (_graftlib_contender(base) if who == "graftlib" else _peft_contender(base, m)).train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    run = torch.compile(module, fullgraph=who == "graftlib")
+    x = _inputs(m, 1, 16)
+    start = time.perf_counter()
+    _train_step(run, x, optimizer)()
+    seconds = time.perf_counter() - start
+    print(json.dumps(dict(seconds=seconds, cache_hits=counters["aot_autograd"]["autograd_cache_hit"])))
+""")
+
+
+def bench_compile_time(m: Models, quick: bool, rounds: int) -> list[Row]:
+    """First compiled train step, each contender in its own process: cold (empty inductor cache) and warm.
+
+    In one process the contender compiled second reuses the first one's C++ kernels (both graphs lower
+    to the same kernels) and its one-time costs, and a shared on-disk cache can hold one contender's
+    graph and not the other's; separate processes with their own cache directory compare like for like.
+    """
+    seconds: dict[tuple[str, str], list[float]] = {}
+    hits: dict[tuple[str, str], int] = {}
+    names = ["graftlib", "peft"]
+    for r in range(rounds):
+        order = names[r % 2:] + names[:r % 2]
+        with tempfile.TemporaryDirectory() as g_dir, tempfile.TemporaryDirectory() as p_dir:
+            dirs = {"graftlib": g_dir, "peft": p_dir}
+            for state in ("cold", "warm"):  # warm: a second process on the cache the cold one filled
+                for who in order:
+                    out = _subprocess_json(who, quick, _COMPILE_SCRIPT, {"TORCHINDUCTOR_CACHE_DIR": dirs[who]})
+                    seconds.setdefault((who, state), []).append(1000 * out["seconds"])
+                    hits[(who, state)] = hits.get((who, state), 0) + (out["cache_hits"] > 0)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    hit_note = lambda state: (f"graph cache hits: graftlib {hits[('graftlib', state)]}/{rounds}, "  # noqa: E731
+                              f"PEFT {hits[('peft', state)]}/{rounds}")
+    case = f"{m.name} first train step (1x16)"
+    return [
+        Row("5 torch.compile: compile time, cold", case, med[("graftlib", "cold")], med[("peft", "cold")],
+            note=f"own process and empty inductor cache each; median of {rounds}; graftlib fullgraph=True; "
+                 + hit_note("cold")),
+        Row("5 torch.compile: compile time, warm", case, med[("graftlib", "warm")], med[("peft", "warm")],
+            note=f"a second process on that cache; {hit_note('warm')}"),
+    ]
 
 
 def bench_memory(quick: bool) -> list[Row]:
@@ -393,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))),
                  ("forward", lambda m=m: bench_forward(m, shapes, reps)),
                  ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2)))]
-    jobs += [("compile", lambda: bench_train(models[0], shapes, max(5, reps // 2), compiled=True)),
+    jobs += [("compile", lambda: bench_compile_time(models[0], args.quick, max(1, reps // 5))
+              + bench_train(models[0], shapes, max(5, reps // 2), compiled=True)),
              ("mixed", lambda: bench_mixed(models[0], mixed_shapes, reps)),
              ("onnx", lambda: bench_onnx(models[0], reps)),
              ("memory", lambda: bench_memory(args.quick))]
