@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from .sites import Site
+from .trace import fake_call
 
 __all__ = ["Editor", "AdapterStore", "graft_tag", "is_join", "join_chain_end", "STORE"]
 
@@ -217,8 +218,7 @@ class Editor:
         mode = self._fake_mode()
         if mode is None:
             return
-        try:
-            with mode:
-                node.meta["val"] = op(*tree_map(_fake, args), **tree_map(_fake, kwargs))
+        try:  # fake_call: composite ops (linear, ...) reuse one decomposition across sites
+            node.meta["val"] = fake_call(mode, op, *tree_map(_fake, args), **tree_map(_fake, kwargs))
         except Exception:  # shape metadata is a convenience; the graph itself stays valid
             pass
