@@ -216,12 +216,13 @@ def _safe_signature(model: nn.Module) -> inspect.Signature | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Tracing speed. Under dynamic dims every fake op pays for sympy arithmetic on symbolic sizes (~1.5 ms per op
-# for bert-base on this machine). Composite ops (linear, SDPA, layer norm, matmul, dropout) stay one node in
-# the pre-dispatch graph, yet their fake output is computed by running their whole decomposition: SDPA's math
-# path is ~20 fake ops (~65 ms per call for bert-base), linear 3-4. Every layer calls them with the same
-# symbolic shapes, so the first call's output metadata is kept and later calls only allocate a fresh fake
-# tensor. The graph is unchanged (same nodes, targets, arguments and meta["val"]); only the work to compute
-# the values is skipped.
+# for bert-base on this machine). Composite ops (linear, SDPA, layer norm, matmul, dropout, reshape) stay one
+# node in the pre-dispatch graph, yet their fake output is computed by running their whole decomposition:
+# SDPA's math path is ~20 fake ops (~65 ms per call for bert-base), linear 3-4. Every layer calls them with the
+# same symbolic shapes, so the first call's output metadata is kept and later calls only allocate a fresh fake
+# tensor (or, for a reshape that is a view, take aten.view of the input). The graph is unchanged: same nodes,
+# targets, arguments and meta["val"] (tests/test_trace.py); only some node names can differ, where export
+# numbers the symbolic-size helper nodes it later removes differently.
 
 _CIA = DispatchKey.CompositeImplicitAutograd
 _aten = torch.ops.aten
@@ -231,6 +232,7 @@ _MEMO_OPS = (
     _aten.layer_norm.default,
     _aten.matmul.default,
     _aten.dropout.default,
+    _aten.reshape.default,  # usually a view of its input: replayed as aten.view (its meta skips infer_size)
 )
 _SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -299,12 +301,23 @@ def _unstub(value: Any, state: _KeyState) -> Any:
                                 node.fx_node))
 
 
-def _record(out: Any, inputs: list[torch.Tensor], state: _KeyState, n_symbols: int) -> Any:
-    """The outputs' metadata, or _NO_MEMO unless every output is a fresh fake tensor with backed sizes."""
+@dataclass(frozen=True)
+class _ViewOf:
+    """A reshape that came out as a view of its input: replay ``aten.view(input, shape)``."""
+
+    shape: tuple[Any, ...]
+
+
+def _record(op: Any, out: Any, inputs: list[torch.Tensor], state: _KeyState, n_symbols: int) -> Any:
+    """The outputs' metadata, or _NO_MEMO unless every output is a fresh fake tensor with backed sizes
+    (or a reshape is a view of its input that aten.view reproduces exactly)."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
     storages = {t.untyped_storage()._cdata for t in inputs}
-    if len(state.mode.shape_env.var_to_val) != n_symbols or not outs:
-        return _NO_MEMO  # the decomposition allocated symbols: replaying would share them
+    if len(state.mode.shape_env.var_to_range) != n_symbols or not outs:
+        return _NO_MEMO  # the decomposition made symbols (backed or not): replaying would share them
+    if op is _aten.reshape.default and isinstance(out, torch.Tensor) and inputs \
+            and out.untyped_storage()._cdata == inputs[0].untyped_storage()._cdata:
+        return _view_entry(out, inputs[0], state)
     grad_in = any(t.requires_grad for t in inputs)
     metas = []
     for t in outs:
@@ -335,7 +348,23 @@ class _Fresh(torch.autograd.Function):
         raise RuntimeError("graftlib: a trace-time fake output was differentiated")
 
 
+def _view_entry(out: torch.Tensor, source: torch.Tensor, state: _KeyState) -> Any:
+    entry = _ViewOf(tuple(_stub(s, state) for s in out.shape))
+    if free_unbacked_symbols(out) or not out._is_view():
+        return _NO_MEMO
+    again = _replay(entry, [source], state)
+    same = all(tuple(map(_key_expr, f(again))) == tuple(map(_key_expr, f(out)))
+               for f in (torch.Tensor.size, torch.Tensor.stride, lambda t: (t.storage_offset(),)))
+    return entry if same and again.requires_grad == out.requires_grad else _NO_MEMO
+
+
+def _key_expr(value: Any) -> Any:
+    return value.node.expr if isinstance(value, torch.SymInt) else value
+
+
 def _replay(entry: Any, inputs: list[torch.Tensor], state: _KeyState) -> Any:
+    if isinstance(entry, _ViewOf):
+        return _aten.view.default(inputs[0], [_unstub(s, state) for s in entry.shape])
     kind, metas = entry
 
     def make() -> tuple[torch.Tensor, ...]:
@@ -367,9 +396,9 @@ class _CompositeMemo:
             return decompose(*args, **kwargs)
         entry = self.table.get(key)
         if entry is None:
-            n_symbols = len(mode.shape_env.var_to_val)
+            n_symbols = len(mode.shape_env.var_to_range)
             out = decompose(*args, **kwargs)
-            self.table[key] = _record(out, tensors, state, n_symbols)
+            self.table[key] = _record(op, out, tensors, state, n_symbols)
             return out
         return decompose(*args, **kwargs) if entry is _NO_MEMO else _replay(entry, tensors, state)
 
@@ -392,7 +421,11 @@ def _kernel(op: Any, decompose: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def _memoised_composites() -> Iterator[None]:
-    """Route the composite ops in _MEMO_OPS through their fake mode's memo (Python dispatcher kernels)."""
+    """Route the composite ops in _MEMO_OPS through their fake mode's memo while the block runs.
+
+    The kernels are Python-dispatcher kernels (``OpOverload.py_kernels``), process-wide while installed; they
+    only act on fake tensors with a shape environment and decompose as before for anything else.
+    """
     installed: list[tuple[Any, Any]] = []
     try:
         for op in _MEMO_OPS:
@@ -421,7 +454,8 @@ def fake_call(mode: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
 @contextlib.contextmanager
 def _fast_tracing(stack_traces: bool) -> Iterator[None]:
     """Memoised composites; lazy GraphModule code generation (export recompiles its graph ~35 times, only
-    the last code is ever run); per-node Python stack traces only when asked for (nothing reads them)."""
+    the last code is ever run); per-node Python stack traces only when asked for (graftlib never reads them,
+    and capturing them is ~10% of a 1B Llama's trace)."""
     previous = fx_config.do_not_emit_stack_traces
     fx_config.do_not_emit_stack_traces = previous or not stack_traces
     try:
