@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -419,29 +420,43 @@ def _kernel(op: Any, decompose: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+_INSTALL_LOCK = threading.Lock()
+_installed: list[tuple[Any, Any]] = []   # (op, the kernel it had before); non-empty while any block runs
+_users = 0
+
+
 @contextlib.contextmanager
 def _memoised_composites() -> Iterator[None]:
     """Route the composite ops in _MEMO_OPS through their fake mode's memo while the block runs.
 
-    The kernels are Python-dispatcher kernels (``OpOverload.py_kernels``), process-wide while installed; they
-    only act on fake tensors with a shape environment and decompose as before for anything else.
+    The kernels are Python-dispatcher kernels (``OpOverload.py_kernels``), process-wide while installed and
+    counted, so nested blocks (fake_call inside a trace) share one installation; they only act on fake
+    tensors with a shape environment and decompose as before for anything else. (torch.export itself is not
+    thread-safe: two threads tracing at once fail inside torch, with or without this.)
     """
-    installed: list[tuple[Any, Any]] = []
+    global _users
+    with _INSTALL_LOCK:
+        if _users == 0:
+            for op in _MEMO_OPS:
+                previous = op.py_kernels.get(_CIA)  # matmul and dropout have Python decompositions already
+                decompose = previous or (lambda *a, _op=op, **k: _op._op_dk(_CIA, *a, **k))
+                op.py_kernels[_CIA] = _kernel(op, decompose)
+                op._dispatch_cache.clear()
+                _installed.append((op, previous))
+        _users += 1
     try:
-        for op in _MEMO_OPS:
-            previous = op.py_kernels.get(_CIA)  # matmul and dropout have Python decompositions already
-            decompose = previous or (lambda *a, _op=op, **k: _op._op_dk(_CIA, *a, **k))
-            op.py_kernels[_CIA] = _kernel(op, decompose)
-            op._dispatch_cache.clear()
-            installed.append((op, previous))
         yield
     finally:
-        for op, previous in reversed(installed):
-            if previous is None:
-                op.py_kernels.pop(_CIA, None)
-            else:
-                op.py_kernels[_CIA] = previous
-            op._dispatch_cache.clear()
+        with _INSTALL_LOCK:
+            _users -= 1
+            if _users == 0:
+                while _installed:
+                    op, previous = _installed.pop()
+                    if previous is None:
+                        op.py_kernels.pop(_CIA, None)
+                    else:
+                        op.py_kernels[_CIA] = previous
+                    op._dispatch_cache.clear()
 
 
 def fake_call(mode: Any, op: Any, *args: Any, **kwargs: Any) -> Any:

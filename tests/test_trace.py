@@ -195,6 +195,20 @@ def test_memo_kernels_and_flags_are_restored_even_when_tracing_fails():
     assert fx.config.do_not_emit_stack_traces == flag
 
 
+def test_nested_blocks_share_one_installation_and_restore_it():
+    before = {op: op.py_kernels.get(CIA) for op in T._MEMO_OPS}
+    model, inputs = _probe()
+    reference = _canonical(T.trace(model, inputs).graph_module)
+    with T._memoised_composites():
+        installed = {op: op.py_kernels.get(CIA) for op in T._MEMO_OPS}
+        nested = _canonical(T.trace(model, inputs).graph_module)
+        assert {op: op.py_kernels.get(CIA) for op in T._MEMO_OPS} == installed, "inner block re-installed"
+    assert nested == reference
+    assert all(installed[op] is not before[op] for op in T._MEMO_OPS)
+    assert {op: op.py_kernels.get(CIA) for op in T._MEMO_OPS} == before
+    assert T._users == 0 and not T._installed
+
+
 def test_stack_traces_only_when_asked():
     model, inputs = _probe()
     plain = T.trace(model, inputs)
