@@ -41,11 +41,16 @@ def is_join(node: fx.Node) -> bool:
     return bool(tag) and tag.get("role") == "join"
 
 
-def join_chain_end(node: fx.Node) -> fx.Node:
-    """The latest value standing for `node`: follow joins whose base is `node`."""
+def join_chain_end(node: fx.Node, same_shape: bool = False) -> fx.Node:
+    """The latest value standing for `node`: follow joins whose base is `node`.
+
+    With `same_shape`, stop before a join that changes the value's shape (a prompt's prepend, tagged
+    ``widens``): an additive branch ``base + delta`` on a lookup then joins before the virtual tokens
+    are prepended, whichever pass ran first.
+    """
     while True:
         nxt = next((u for u in node.users if is_join(u) and u.args[graft_tag(u)["base"]] is node), None)
-        if nxt is None:
+        if nxt is None or (same_shape and graft_tag(nxt).get("widens")):
             return node
         node = nxt
 
@@ -203,9 +208,9 @@ class Editor:
         base.replace_all_uses_with(node, delete_user_cb=lambda user: user not in inserted)
         return node
 
-    def value_at(self, node: fx.Node) -> fx.Node:
-        """The current value standing for `node` (after earlier joins on it)."""
-        return join_chain_end(node)
+    def value_at(self, node: fx.Node, same_shape: bool = False) -> fx.Node:
+        """The current value standing for `node` (after earlier joins on it; see `join_chain_end`)."""
+        return join_chain_end(node, same_shape)
 
     # -- fake values -----------------------------------------------------------------------------
     def _fake_mode(self) -> Any:

@@ -270,7 +270,7 @@ class AdaLoRA(Method):
                 low = editor.call(aten.linear.default, x, ae)
             delta = editor.call(aten.linear.default, low, b)
             scaled = editor.call(aten.div.Tensor, editor.call(aten.mul.Tensor, delta, alpha), denominator)
-        base = editor.value_at(anchor)
+        base = editor.value_at(anchor, same_shape=True)  # before a prompt's prepend
         editor.join(base, aten.add.Tensor, base, scaled)
 
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:

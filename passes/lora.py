@@ -101,7 +101,7 @@ class LoRA(Method):
             a = editor.param("lora_A", lambda: _kaiming((r, site.in_features)))
             b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r))
             delta = editor.call(aten.linear.default, editor.call(aten.linear.default, x, a), b)
-        base = editor.value_at(anchor)
+        base = editor.value_at(anchor, same_shape=True)  # before a prompt's prepend
         editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
     @staticmethod

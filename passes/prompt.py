@@ -149,7 +149,9 @@ def _prepend_join(editor: Editor, base: fx.Node, prefix: fx.Node, n: int, keep: 
     would be one op, but its fake-tensor rule specialises symbolic sizes.)
     """
     widened = editor.call(aten.cat.default, [prefix, base], 1)
-    return _join(editor, base, aten.slice_scatter.default, widened, base, 1, n, _MAX, keep=keep)
+    node = _join(editor, base, aten.slice_scatter.default, widened, base, 1, n, _MAX, keep=keep)
+    graft_tag(node)["widens"] = True  # additive branches on `base` join before it (join_chain_end)
+    return node
 
 
 def _is_encoder_decoder(graph: fx.Graph) -> bool:

@@ -56,6 +56,9 @@ def _randomise(module: torch.nn.Module, scale: float = 0.3) -> None:
                 param.normal_(0, scale)
 
 
+_ROOT = tempfile.TemporaryDirectory(prefix="graftlib-peft-cases-")  # removed at exit
+
+
 def _peft_dir(arch: str, options: dict, seed: int = 1) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """Save a PEFT model with random non-zero factors; (dir, PEFT output, base output)."""
     model, inputs = build(arch)
@@ -65,7 +68,7 @@ def _peft_dir(arch: str, options: dict, seed: int = 1) -> tuple[Path, torch.Tens
     torch.manual_seed(seed)
     _randomise(peft_model)
     peft_model.eval()
-    directory = Path(tempfile.mkdtemp(prefix=f"peft-{arch}-"))
+    directory = Path(tempfile.mkdtemp(prefix=f"peft-{arch}-", dir=_ROOT.name))
     peft_model.save_pretrained(directory)
     with torch.no_grad():
         return directory, _first(peft_model(**inputs)), base

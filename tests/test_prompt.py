@@ -444,9 +444,14 @@ def test_save_and_load_replays_the_rewrite(zoo, tmp_path) -> None:
 
 
 
-def test_composes_with_lora_on_the_lookup_and_attention() -> None:
+@pytest.mark.parametrize("spec", [
+    "lora(embed, q, v, r=2, name=lora) + prompt(n=3, name=p)",
+    "prompt(n=3, name=p) + lora(embed, q, v, r=2, name=lora)",  # LoRA's lookup delta joins before the prepend
+    "prompt(n=3, name=p) + adalora(embed, q, v, init_r=2, name=lora)",
+])
+def test_composes_with_lora_on_the_lookup_and_attention(spec: str) -> None:
     model, _ = build("llama")
-    g = graftlib.apply(model, "lora(embed, q, v, r=2, name=lora) + prompt(n=3, name=p)")
+    g = graftlib.apply(model, spec)
     with torch.no_grad():
         for param in g.store["lora"].parameters():
             param.normal_(0, 0.2)

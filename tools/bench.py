@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -122,17 +123,18 @@ def bench_apply(m: Models, reps: int) -> list[Row]:
 
     model = m.build()
     trace_t, apply_t, peft_t = [], [], []
+
+    def timed(times: list[float], fn: Callable[[], Any]) -> None:
+        gc.collect()  # the previous result's reference cycles are freed here, not inside the next timing
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+
     for _ in range(reps):
-        start = time.perf_counter()
-        graftlib.trace(model)
-        trace_t.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        graftlib.apply(model, "lora(q,v,r=16)")
-        apply_t.append(time.perf_counter() - start)
+        timed(trace_t, lambda: graftlib.trace(model))
+        timed(apply_t, lambda: graftlib.apply(model, "lora(q,v,r=16)"))
         fresh = copy.deepcopy(model)
-        start = time.perf_counter()
-        _peft(fresh, m.targets)
-        peft_t.append(time.perf_counter() - start)
+        timed(peft_t, lambda: _peft(fresh, m.targets))
     med = lambda v: 1000 * statistics.median(v)  # noqa: E731
     return [Row("1 apply", f"{m.name} lora(q,v,r=16), dynamic dims", med(apply_t), med(peft_t),
                 note=f"trace alone {med(trace_t):.0f} ms")]
