@@ -178,3 +178,28 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]
 def example_inputs(name: str) -> dict[str, torch.Tensor] | None:
     """Trace inputs for hand-written models (HF models synthesise their own)."""
     return inputs_for(name, batch=2, seq=7, seed=2) if name in HAND else None
+
+
+def run_with_site_deltas(model: nn.Module, deltas: list[tuple[object, Callable]], inputs: dict) -> object:
+    """The eager reference for additive methods: run `model` (no grad) with forward hooks that add
+    ``delta(module, x)`` to each site's output, or to its column span for a slice of a fused projection.
+
+    `deltas` holds ``(site, delta)`` pairs; a site has ``path`` and ``span`` (see graftlib.sites).
+    """
+    def hook_for(site: object, delta: Callable) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            if site.span is None:
+                return out + delta(module, args[0])
+            out[..., site.span[0]:site.span[1]] += delta(module, args[0])
+            return out
+        return hook
+
+    handles = [model.get_submodule(site.path).register_forward_hook(hook_for(site, delta))
+               for site, delta in deltas]
+    try:
+        with torch.no_grad():
+            return model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

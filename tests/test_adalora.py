@@ -22,7 +22,7 @@ from graftlib.io import install_tensors
 from graftlib.passes import adalora as ad
 from graftlib.runtime import op_histogram, specialise
 from graftlib.select import SiteIndex
-from models import build, example_inputs
+from models import build, example_inputs, run_with_site_deltas
 
 # -- the branch on every layer kind ----------------------------------------------------------------
 CASES = [
@@ -59,38 +59,25 @@ def _randomise(g: graftlib.Grafted, seed: int = 3) -> None:
 def _hook_reference(model: nn.Module, g: graftlib.Grafted, inputs: dict) -> torch.Tensor:
     """The eager model with hooks adding B (A * E) x * alpha / (init_r + 1e-5) per site."""
     index = SiteIndex.build(g.base_graph_module)
-    handles = []
+    deltas = []
     for record in g.records:
         init_r = record.config["init_r"]
         alpha = record.config["alpha"] or float(init_r)
         scale = alpha / (init_r + 1e-5)
         for key, p in g.store.tensors(record.adapter).items():
             site = index.by_key(key)
-            ae = p["lora_A"] * p["lora_E"]
 
-            def hook(mod, args, out, site=site, ae=ae, b=p["lora_B"]):
-                x = args[0]
+            def delta(mod, x, site=site, ae=p["lora_A"] * p["lora_E"], b=p["lora_B"], scale=scale):
                 if site.kind == "embedding":
-                    delta = F.embedding(x, ae.T) @ b.T
-                elif site.kind == "conv2d":
+                    return scale * F.embedding(x, ae.T) @ b.T
+                if site.kind == "conv2d":
                     c = site.conv
                     kernel = (b @ ae).reshape(mod.weight.shape)
-                    delta = F.conv2d(x, kernel, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-                else:
-                    delta = x @ ae.T @ b.T
-                out = out.clone()
-                if site.span is None:
-                    return out + scale * delta
-                out[..., site.span[0]:site.span[1]] += scale * delta
-                return out
+                    return scale * F.conv2d(x, kernel, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+                return scale * x @ ae.T @ b.T
 
-            handles.append(model.get_submodule(site.path).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return _first(model(**inputs))
-    finally:
-        for h in handles:
-            h.remove()
+            deltas.append((site, delta))
+    return _first(run_with_site_deltas(model, deltas, inputs))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import graftlib
 from graftlib.runtime import op_histogram, specialise
-from models import build, example_inputs, inputs_for
+from models import build, example_inputs, inputs_for, run_with_site_deltas
 
 CASES = [
     ("bert", "lora(q,v,r=8)", 4),
@@ -70,7 +70,7 @@ def _hook_reference(model, g: graftlib.Grafted, inputs) -> torch.Tensor:
     from graftlib.select import SiteIndex
 
     index = SiteIndex.build(g.base_graph_module)
-    handles = []
+    deltas = []
     for record in g.records:
         if record.adapter not in g.active_adapters:
             continue
@@ -78,31 +78,18 @@ def _hook_reference(model, g: graftlib.Grafted, inputs) -> torch.Tensor:
         scale = alpha / math.sqrt(r) if record.config["rslora"] else alpha / r
         for key, params in g.store.tensors(record.adapter).items():
             site = index.by_key(key)
-            module = model.get_submodule(site.path)
 
-            def hook(mod, args, out, site=site, p=params, s=scale):
-                x = args[0]
+            def delta(mod, x, site=site, p=params, s=scale):
                 if site.kind == "embedding":
-                    delta = F.embedding(x, p["lora_embedding_A"].T) @ p["lora_embedding_B"].T
-                elif site.kind == "conv2d":
+                    return s * F.embedding(x, p["lora_embedding_A"].T) @ p["lora_embedding_B"].T
+                if site.kind == "conv2d":
                     c = site.conv
                     low = F.conv2d(x, p["lora_A"], None, c["stride"], c["padding"], c["dilation"], c["groups"])
-                    delta = F.conv2d(low, p["lora_B"], groups=c["groups"])
-                else:
-                    delta = x @ p["lora_A"].T @ p["lora_B"].T
-                out = out.clone()
-                if site.span is None:
-                    return out + s * delta
-                out[..., site.span[0]:site.span[1]] += s * delta
-                return out
+                    return s * F.conv2d(low, p["lora_B"], groups=c["groups"])
+                return s * x @ p["lora_A"].T @ p["lora_B"].T
 
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return _first(model(**inputs))
-    finally:
-        for h in handles:
-            h.remove()
+            deltas.append((site, delta))
+    return _first(run_with_site_deltas(model, deltas, inputs))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
