@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["GraftError", "GraftSpecError", "TraceError", "LoadError", "near_names"]
+__all__ = ["GraftError", "GraftSpecError", "TraceError", "LoadError", "near_names", "require_eager"]
 
 
 class GraftError(ValueError):
@@ -41,3 +41,12 @@ def near_names(name: str, candidates: Iterable[str], n: int = 5) -> str:
     if not close:
         close = pool[:n]
     return ", ".join(close) if close else "(none)"
+
+
+def require_eager(what: str, fix: str) -> None:
+    """Graph modules are built by eager Python, which torch.compile cannot trace (fullgraph or not):
+    a module first needed under compile is an error that says how to build it beforehand."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        raise GraftError(f"{what} is not built yet and cannot be built while torch.compile traces: {fix}")

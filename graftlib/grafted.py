@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
-from .errors import GraftError, GraftSpecError, near_names
+from .errors import GraftError, GraftSpecError, near_names, require_eager
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
@@ -128,19 +128,40 @@ class Grafted(nn.Module):
         key = (self.training, self._active)
         pair = self._runtimes.get(key)
         if pair is None:
+            require_eager("the runtime graph for this mode and these active adapters",
+                          "call g.train() / g.eval() / g.set_active(...) before compiling")
             graph = specialise(self.graph, self._active, self.training)
             named = build_module(self.graph_module, graph, self.training)
             pair = self._runtimes[key] = (named, flat_module(named))
         return pair
 
     def _invalidate(self) -> None:
+        """Drop every built module; the current runtime is rebuilt now, so forward (and torch.compile)
+        only looks it up."""
         self._runtimes.clear()
         self._variants.clear()
+        if self.records:
+            self.runtime_module()
 
-    def _apply(self, fn, recurse=True):  # .to(), .half(): buffers are replaced, rebuild runtimes
+    def _apply(self, fn, recurse=True):  # .to(), .float(), share_memory(): buffers are replaced
+        self._check_conversion(fn)
         result = super()._apply(fn, recurse)
         self._invalidate()
         return result
+
+    def _check_conversion(self, fn: Any) -> None:
+        """The traced graph is specialised to one dtype and device (casts, asserts and factory calls name
+        them), so ``.half()`` / ``.to("cuda")`` after grafting is refused before anything is converted."""
+        probe = next((t for t in self.graph_module.parameters() if t.is_floating_point()), None)
+        if probe is None or probe.is_meta:
+            return
+        converted = fn(torch.zeros((), dtype=probe.dtype, device=probe.device))
+        if (converted.dtype, converted.device) != (probe.dtype, probe.device):
+            raise GraftError(
+                f"this grafted module was traced in {probe.dtype} on {probe.device}, and its graph is specialised "
+                f"to them; it cannot move to {converted.dtype} on {converted.device}. Convert the model first and "
+                "graft that: graftlib.apply(model.to(dtype_or_device), spec); to keep trained adapters, "
+                "g.save(dir) then graftlib.load(converted_model, dir)")
 
     def train(self, mode: bool = True) -> "Grafted":
         self.training = mode
@@ -365,6 +386,8 @@ class Grafted(nn.Module):
         if variant is None and key in self._no_gain:
             return self._variant(inputs) if inputs.keys() != self._traced_keys() else self
         if variant is None:
+            require_eager(f"the graph traced for inputs ({', '.join(sorted(inputs))})",
+                          "call the module once without torch.compile on inputs with these keys first")
             variant = self._make_variant(inputs, unpadded)
             if variant is None:
                 self._no_gain.add(key)

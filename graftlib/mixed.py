@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .editor import escape
-from .errors import GraftError, near_names
+from .errors import GraftError, near_names, require_eager
 from .runtime import specialise
 from .select import SiteIndex
 from .sites import Site
@@ -61,6 +61,8 @@ def mixed_forward(g: "Grafted", kwargs: dict[str, Any], adapter_names: Sequence[
     if unpadded or inputs.keys() != set(g._traced.input_names) | g._traced.constants.keys():
         target = g._variant(inputs, unpadded)
     chosen = tuple(sorted(set(names) - {BASE}))
+    if target is not g and target._unpadded:
+        mixed_module(g, chosen)  # the masked graph too, which torch.compile will look up
     module = mixed_module(target, chosen)
     slot = {name: i + 1 for i, name in enumerate(chosen)}
     device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
@@ -104,6 +106,8 @@ def mixed_module(g: "Grafted", names: tuple[str, ...]) -> fx.GraphModule:
     key = ("mixed", g.training, names)
     module = g._runtimes.get(key)
     if module is None:
+        require_eager(f"the mixed-batch graph for adapters {list(names)}",
+                      "call g(**inputs, adapter_names=...) once with these adapters before compiling")
         module = g._runtimes[key] = _build(g, names)
     if not g.training:
         module.graft_mixed.refresh()
@@ -126,6 +130,11 @@ class _Stacks(nn.Module):
             self.register_buffer(name, build(), persistent=False)
 
     def refresh(self) -> None:
+        if torch.compiler.is_compiling():  # no version counters under Dynamo: stack in the graph, every call
+            with torch.no_grad():
+                for name, build in self.builders:
+                    setattr(self, name, build())
+            return
         stamp = tuple((id(p), p._version) for p in self.sources)
         if stamp == self.stamp:
             return

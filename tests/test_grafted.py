@@ -1,6 +1,7 @@
 """The grafted module's contract: training touches only adapters, modes, save/load, re-trace, compile."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -246,3 +247,21 @@ def test_plain_module_with_positional_example_inputs():
         x = torch.relu(model.bn(expected_stem))
         x = torch.relu(model.grouped(torch.relu(model.dilated(x))))
         torch.testing.assert_close(out, model.head(x.mean(dim=(2, 3))), atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_change_after_grafting_is_refused_and_the_suggested_fix_works(tmp_path):
+    model, inputs = build("llama")
+    g = graftlib.apply(model, "lora(q,v,r=4)")
+    _random_adapters(g)
+    with pytest.raises(graftlib.GraftError, match=r"traced in torch.float32 on cpu.*cannot move to torch.float64 "
+                                                  r"on cpu.*graftlib.apply\(model.to\(dtype_or_device\), spec\)"):
+        g.double()
+    assert {p.dtype for p in g.parameters()} == {torch.float32}, "refused before converting anything"
+    g.save(str(tmp_path))
+    loaded = graftlib.load(copy.deepcopy(model).double(), str(tmp_path)).eval()
+    with torch.no_grad():
+        got = loaded(**inputs).last_hidden_state
+        want = g.eval()(**inputs).last_hidden_state
+    assert got.dtype == torch.float64
+    assert not torch.allclose(want, model(**inputs).last_hidden_state, atol=1e-4)  # the adapters matter
+    torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-4)
