@@ -417,9 +417,7 @@ class Grafted(nn.Module):
                 f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(inputs))}); "
                 "a module merged in place cannot re-trace: call it with the traced inputs, or graft "
                 "with example_inputs that include the others before merging")
-        examples = dict(inputs)
-        if inputs.keys() == self._traced_keys():  # the unpadded twin: trace on the original examples,
-            examples = dict(self._traced.example_inputs)  # whose sizes (not 0 or 1) stay dynamic
+        examples = examples_at_traced_sizes(inputs, self._traced.example_inputs)
         with assume_unpadded() if unpadded else contextlib.nullcontext():
             traced = trace(self._model, examples, dynamic=self._traced.dynamic)
         if unpadded and masked_attention_count(traced.graph) >= masked_attention_count(self._base_graph):
@@ -496,6 +494,36 @@ def _named_spec(record: GraftRecord) -> str:
     inner = record.spec[record.spec.index("(") + 1 : record.spec.rindex(")")].strip()
     sep = ", " if inner else ""
     return f"{call.method}({inner}{sep}name={record.adapter})"
+
+
+def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
+    """Trace inputs for a call with other keys (``labels=``) or for the unpadded twin.
+
+    The keys the first trace saw take its example tensors; each new tensor is resized from the call's
+    sizes to the examples' (labels ``(1, S) -> (B0, S0)``, filled with its first value: a trace reads
+    shapes, not values), so a batch or length of 1 in the call is not baked into the new graph. When
+    the call's sizes do not map one to one onto the examples', the call's own inputs are used.
+    """
+    sizes: dict[int, int] = {}
+    for key, value in inputs.items():
+        example = examples.get(key)
+        if not (isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor)):
+            continue
+        if value.dim() != example.dim():
+            return dict(inputs)
+        for call_size, example_size in zip(value.shape, example.shape):
+            if sizes.setdefault(call_size, example_size) != example_size:
+                return dict(inputs)
+    out: dict[str, Any] = {}
+    for key, value in inputs.items():
+        example = examples.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor):
+            out[key] = example
+        elif isinstance(value, torch.Tensor) and value.numel() > 0:
+            out[key] = value.reshape(-1)[0].expand([sizes.get(n, n) for n in value.shape]).clone()
+        else:
+            out[key] = value
+    return out
 
 
 def _adopt_parameters(target: fx.GraphModule, source: fx.GraphModule) -> None:

@@ -194,6 +194,31 @@ def test_positional_call_and_inputs_the_trace_did_not_see():
         g(**inputs, labels=torch.tensor([1, 1]), output_attentions=True)
 
 
+def test_a_first_call_with_labels_at_batch_one_does_not_fix_the_batch_size():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64)).eval()
+    g = graftlib.apply(model, "lora(q,v,r=4)").eval()
+    _random_adapters(g)
+    merged = g.merge()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # the eager reference: the merged weights in the Hugging Face model
+        for name, param in reference.named_parameters():
+            param.copy_(merged.graph_module.get_parameter(name))
+    for batch, seq in [(1, 5), (4, 7), (3, 1)]:  # the labels graph is traced on the first call, at batch 1
+        inputs = inputs_for("llama", batch=batch, seq=seq)
+        inputs["attention_mask"][0, 0] = 0 if seq > 1 else 1
+        with torch.no_grad():
+            want = reference(**inputs, labels=inputs["input_ids"]).loss
+            got = g(**inputs, labels=inputs["input_ids"]).loss
+        if seq > 1:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        else:  # one token: no next-token target
+            assert got.isnan() and want.isnan()
+
+
 def test_untraceable_model_says_why_and_what_to_try():
     class DataDependent(nn.Module):
         def __init__(self):
