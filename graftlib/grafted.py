@@ -488,6 +488,10 @@ class Grafted(nn.Module):
 
 
 def _named_spec(record: GraftRecord) -> str:
+    """The spec that rebuilds `record` (save, re-trace), with its adapter name."""
+    replay = get_method(record.method).replay_spec(record)
+    if replay is not None:
+        return replay
     call = parse_spec(record.spec)[0]
     if "name" in call.options:
         return record.spec

@@ -7,10 +7,12 @@ Writes are atomic (temp file + rename); a load validates every key and shape bef
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +27,28 @@ from .registry import get_method
 if TYPE_CHECKING:
     from .grafted import Grafted
 
-__all__ = ["save", "load", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save", "load", "atomic_write", "restoring", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "graft.json"
 WEIGHTS_NAME = "adapters.safetensors"
 FORMAT_VERSION = 1
+
+_RESTORING = contextvars.ContextVar("graftlib_restoring", default=False)
+
+
+@contextlib.contextmanager
+def _restoring_saved_tensors() -> Iterator[None]:
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def restoring() -> bool:
+    """Whether grafts are being rebuilt for saved tensors that will replace their initial values: an
+    initialiser that needs outside data (a tokenizer for a text init) can then skip it."""
+    return _RESTORING.get()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -118,8 +137,9 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     spec = " + ".join(r["spec"] for r in records)
     if not spec:
         raise LoadError(f"{directory} holds no adapters")
-    grafted = apply(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
-        if not isinstance(model, Grafted) else model.add(spec)
+    with _restoring_saved_tensors():
+        grafted = apply(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
+            if not isinstance(model, Grafted) else model.add(spec)
     install_tensors(grafted, tensors, [r["name"] for r in records], source=str(directory))
     for record in grafted.records:
         saved = next((r for r in records if r["name"] == record.adapter), None)

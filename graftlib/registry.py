@@ -126,6 +126,11 @@ class Method:
     def rewrite(self, editor: "Editor", site: "Site", config: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def replay_spec(self, record: Any) -> str | None:
+        """The spec that rebuilds `record`'s graft when it is saved or re-traced, where it must differ from
+        the one the user wrote (a graft that read outside data to find its sites); None: that one."""
+        return None
+
     def depends_on(self, spec: str) -> list[str]:
         """Names of other adapters a graft of this method reads (fusion reads the adapters it fuses)."""
         return []

@@ -329,6 +329,17 @@ class Adapter(Method):
         config["from_adapter"] = entry["name"]
         config["from_sites"] = list(entry.get("sites", []))
 
+    def replay_spec(self, record: Any) -> str | None:
+        """``adapter(from=dir)`` replays as the graft it resolved to (its sites by path, the saved
+        options), so graftlib.load and re-traces never read `dir` again: it may be gone."""
+        config = record.config
+        if config.get("from") is None:
+            return None
+        values = {key: config[key] for key in _SAVED_KEYS if config.get(key) is not None}
+        options = ", ".join(f"{key}={str(v).lower() if isinstance(v, bool) else v}" for key, v in values.items())
+        targets = ", ".join(f'"{key}"' for key in record.sites)
+        return f"adapter({targets}, {options}, name={record.adapter})"
+
     # -- select ------------------------------------------------------------------------------
     def select(self, call: GraftCall, index: SiteIndex, config: dict[str, Any]) -> Selection:
         if not call.targets and config.get("from_sites") is not None:

@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from graftlib.editor import Editor, escape, graft_tag, is_join
 from graftlib.errors import GraftError, LoadError
+from graftlib.io import restoring
 from graftlib.registry import Method, Option, positive, register
 from graftlib.select import Selection, SiteIndex
 from graftlib.sites import Site, _walk_back, weight_value
@@ -306,6 +307,8 @@ def _text_ids(text: str, tokenizer: str, n: int) -> list[int]:
 def prompt_init(config: dict[str, Any], table: torch.Tensor) -> torch.Tensor:
     """The (n, D) initial virtual tokens for ``init=`` over the token-embedding `table` (vocab, D)."""
     n, init = config["n"], config["init"]
+    if isinstance(init, Prefixed) and restoring():  # graftlib.load: the saved tokens replace these
+        return torch.zeros(n, table.shape[1])
     generator = torch.Generator().manual_seed(config["seed"])
     table = table.detach().float()
     if init == "random":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+import shutil
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,14 @@ def test_from_directory(bert: tuple, tmp_path: Path) -> None:
     assert fresh.adapters["p"].sites == g.adapters["p"].sites
     with torch.no_grad():
         assert torch.equal(main_output(fresh(**inputs)), want)
+    fresh.save(tmp_path / "fresh")
+    shutil.rmtree(tmp_path / "two")  # the saved graft no longer needs the directory it started from
+    loaded = graftlib.load(model, tmp_path / "fresh").eval()
+    assert loaded.adapters["p"].sites == g.adapters["p"].sites
+    with torch.no_grad():
+        assert torch.equal(main_output(loaded(**inputs)), want)  # all-ones mask: the unpadded twin, a re-trace
+        assert loaded._variants, "the call above re-traced the grafts"
+    g.save(tmp_path / "two")
     with pytest.raises(graftlib.GraftSpecError, match=r"holds several adapters \(p, h\); pick one with name="):
         fresh.add('adapter(from="' + str(tmp_path / "two") + '", name=other)')
     with pytest.raises(graftlib.GraftSpecError, match=r"kind='parallel' differs from the saved adapter's kind='pfeiffer'"):

@@ -257,6 +257,28 @@ def test_text_init_tiles_or_truncates_like_peft(zoo, tokenizer_dir: str, n: int)
     assert torch.equal(tokens, PromptEmbedding(config, words).embedding.weight.detach())
 
 
+def test_a_text_init_adapter_loads_without_its_tokenizer(tokenizer_dir: str, tmp_path) -> None:
+    import shutil
+
+    model, _ = build("hand")
+    moved = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, moved)
+    g = graftlib.apply(model, f'prompt(n=5, init=text:"classify if", tokenizer="{moved}")',
+                       example_inputs=example_inputs("hand"))
+    with torch.no_grad():
+        for param in g.store.parameters():
+            param.add_(0.5)  # "trained": no longer the text init
+    g.save(str(tmp_path / "saved"))
+    shutil.rmtree(moved)  # the adapter is shipped; the tokenizer directory is not
+    loaded = graftlib.load(model, str(tmp_path / "saved"), example_inputs=example_inputs("hand")).eval()
+    inputs = padded_inputs("hand", batch=2, seq=6)
+    for got, want in zip(flat(loaded(**inputs)), flat(g.eval()(**inputs))):
+        assert torch.equal(got, want)
+    with pytest.raises(graftlib.GraftError, match="could not load a tokenizer"):  # a new graft still needs it
+        graftlib.apply(model, f'prompt(n=5, init=text:"classify if", tokenizer="{moved}")',
+                       example_inputs=example_inputs("hand"))
+
+
 def test_vocab_and_random_init(zoo) -> None:
     _, g = zoo["hand"]
     g.add("prompt(n=8, init=vocab, seed=5, name=v1) + prompt(n=8, init=vocab, seed=5, name=v2) + "
