@@ -209,7 +209,7 @@ def _export_inputs(g: Grafted, example_inputs: Any) -> dict[str, Any]:
                              f"inputs ({', '.join(g.input_names)})")
     else:
         kwargs = {k: g._traced.example_inputs[k] for k in g.input_names}
-    return {**kwargs, **g._traced.constants}
+    return g._traced.graph_inputs({**kwargs, **g._traced.constants})
 
 
 def _dim_names(name: str, value: torch.Tensor) -> dict[int, str]:

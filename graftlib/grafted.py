@@ -368,7 +368,7 @@ class Grafted(nn.Module):
             variant = self._variant(inputs, unpadded)
             if variant is not self:
                 return variant(**inputs)
-        return self._runtime_pair()[1](**inputs)
+        return self._runtime_pair()[1](**self._traced.graph_inputs(inputs))
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         signature = self._traced.signature

@@ -67,7 +67,7 @@ def mixed_forward(g: "Grafted", kwargs: dict[str, Any], adapter_names: Sequence[
     slot = {name: i + 1 for i, name in enumerate(chosen)}
     device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
     index = torch.tensor([slot.get(n, 0) for n in names], dtype=torch.long, device=device)
-    return module(**inputs, **{INDEX_INPUT: index})
+    return module(**target._traced.graph_inputs(inputs), **{INDEX_INPUT: index})
 
 
 def _check_names(g: "Grafted", inputs: dict[str, Any], adapter_names: Sequence[str]) -> list[str]:

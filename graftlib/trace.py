@@ -13,6 +13,7 @@ decomposition in every layer, GraphModule code generation is lazy, and per-node 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 import weakref
@@ -51,10 +52,15 @@ class Traced:
     signature: inspect.Signature | None = None
     config: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    bound: frozenset[str] = frozenset()   # constants forward takes only via **kwargs: bound, not graph inputs
 
     @property
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
+
+    def graph_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """`inputs` as the graph module takes them (without the constants bound at trace time)."""
+        return {k: v for k, v in inputs.items() if k not in self.bound}
 
 
 def _config(model: nn.Module) -> Any:
@@ -182,8 +188,10 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
     kwargs = example_inputs_for(model) if example_inputs is None else _as_kwargs(model, example_inputs)
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and v is not None}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    bound = _var_keyword_only(model, constants)
+    kwargs = {k: v for k, v in kwargs.items() if k not in bound}
     try:
-        with _training_mode(model), _fast_tracing(stack_traces):
+        with _training_mode(model), _fast_tracing(stack_traces), _bound_forward(model, bound):
             program = torch.export.export(
                 model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs, dynamic), strict=False
             )
@@ -205,7 +213,37 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
         dynamic=dynamic,
         signature=_safe_signature(model),
         config=_config(model),
+        bound=frozenset(bound),
     )
+
+
+def _var_keyword_only(model: nn.Module, constants: Mapping[str, Any]) -> dict[str, Any]:
+    """Constants that ``forward`` takes only through ``**kwargs`` (``output_hidden_states=True`` on
+    transformers 5 models): torch.export's dynamic-shape check cannot place them, so they are bound."""
+    signature = _safe_signature(model)
+    if signature is None:
+        return {}
+    parameters = signature.parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return {}
+    return {k: v for k, v in constants.items() if k not in parameters}
+
+
+@contextlib.contextmanager
+def _bound_forward(model: nn.Module, bound: Mapping[str, Any]) -> Iterator[None]:
+    """``model.forward`` with `bound` keyword arguments fixed, for the duration of one export."""
+    if not bound:
+        yield
+        return
+    own = model.__dict__.get("forward")
+    model.forward = functools.partial(model.forward, **bound)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def _safe_signature(model: nn.Module) -> inspect.Signature | None:

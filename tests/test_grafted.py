@@ -219,6 +219,23 @@ def test_a_first_call_with_labels_at_batch_one_does_not_fix_the_batch_size():
             assert got.isnan() and want.isnan()
 
 
+def test_a_flag_forward_takes_through_kwargs_traces_and_the_model_is_restored():
+    model, _ = build("bert")  # transformers 5: output_hidden_states only reaches forward via **kwargs
+    g = graftlib.apply(model, "lora(q,v,r=4)").eval()
+    inputs = inputs_for("bert", batch=3, seq=9)
+    inputs["attention_mask"][0, :2] = 0
+    with torch.no_grad():
+        got = g(**inputs, output_hidden_states=True)
+        want = model(**inputs, output_hidden_states=True)
+        assert len(got.hidden_states) == len(want.hidden_states) == 3
+        for mine, theirs in zip(got.hidden_states, want.hidden_states):
+            assert torch.equal(mine, theirs), "B = 0: every hidden state is the base model's"
+        _random_adapters(g)
+        g._invalidate()
+        assert torch.equal(g(**inputs, output_hidden_states=True).last_hidden_state, g(**inputs).last_hidden_state)
+    assert "forward" not in model.__dict__, "the forward bound during export is removed again"
+
+
 def test_untraceable_model_says_why_and_what_to_try():
     class DataDependent(nn.Module):
         def __init__(self):
