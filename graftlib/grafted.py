@@ -227,7 +227,7 @@ class Grafted(nn.Module):
         self.graph.lint()
         self.graph_module.recompile()
         self._invalidate()
-        self.runtime_module()
+        self.runtime_module()  # also with no grafts left (delete_adapter)
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
@@ -524,7 +524,8 @@ def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -
         if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor):
             out[key] = example
         elif isinstance(value, torch.Tensor) and value.numel() > 0:
-            out[key] = value.reshape(-1)[0].expand([sizes.get(n, n) for n in value.shape]).clone()
+            shape = [sizes.get(n, n) for n in value.shape]
+            out[key] = value if list(value.shape) == shape else value.reshape(-1)[0].expand(shape).clone()
         else:
             out[key] = value
     return out

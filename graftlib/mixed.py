@@ -62,7 +62,7 @@ def mixed_forward(g: "Grafted", kwargs: dict[str, Any], adapter_names: Sequence[
         target = g._variant(inputs, unpadded)
     chosen = tuple(sorted(set(names) - {BASE}))
     if target is not g and target._unpadded:
-        mixed_module(g, chosen)  # the masked graph too, which torch.compile will look up
+        mixed_module(g, chosen, refresh=False)  # build the masked graph too: torch.compile looks it up
     module = mixed_module(target, chosen)
     slot = {name: i + 1 for i, name in enumerate(chosen)}
     device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
@@ -101,15 +101,16 @@ def _check_names(g: "Grafted", inputs: dict[str, Any], adapter_names: Sequence[s
 
 
 # -- building the mixed graph --------------------------------------------------------------------
-def mixed_module(g: "Grafted", names: tuple[str, ...]) -> fx.GraphModule:
-    """The cached runtime module for this mode and these adapters (slot i+1 = names[i])."""
+def mixed_module(g: "Grafted", names: tuple[str, ...], refresh: bool = True) -> fx.GraphModule:
+    """The cached runtime module for this mode and these adapters (slot i+1 = names[i]); `refresh`
+    restacks eval-mode factors whose parameters changed, as a call needs."""
     key = ("mixed", g.training, names)
     module = g._runtimes.get(key)
     if module is None:
         require_eager(f"the mixed-batch graph for adapters {list(names)}",
                       "call g(**inputs, adapter_names=...) once with these adapters before compiling")
         module = g._runtimes[key] = _build(g, names)
-    if not g.training:
+    if refresh and not g.training:
         module.graft_mixed.refresh()
     return module
 

@@ -188,7 +188,8 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
     kwargs = example_inputs_for(model) if example_inputs is None else _as_kwargs(model, example_inputs)
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and v is not None}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    bound = _var_keyword_only(model, constants)
+    signature = _safe_signature(model)
+    bound = _var_keyword_only(signature, constants)
     kwargs = {k: v for k, v in kwargs.items() if k not in bound}
     try:
         with _training_mode(model), _fast_tracing(stack_traces), _bound_forward(model, bound):
@@ -211,16 +212,15 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
         example_inputs=kwargs,
         model_class=type(model).__name__,
         dynamic=dynamic,
-        signature=_safe_signature(model),
+        signature=signature,
         config=_config(model),
         bound=frozenset(bound),
     )
 
 
-def _var_keyword_only(model: nn.Module, constants: Mapping[str, Any]) -> dict[str, Any]:
+def _var_keyword_only(signature: inspect.Signature | None, constants: Mapping[str, Any]) -> dict[str, Any]:
     """Constants that ``forward`` takes only through ``**kwargs`` (``output_hidden_states=True`` on
     transformers 5 models): torch.export's dynamic-shape check cannot place them, so they are bound."""
-    signature = _safe_signature(model)
     if signature is None:
         return {}
     parameters = signature.parameters
