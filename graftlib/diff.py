@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from .editor import graft_tag
 from .errors import GraftError
+from .protocols import is_grafted
 from .runtime import specialise
 from .sites import weight_value
 
@@ -556,7 +557,6 @@ def _graph_view(graph: fx.Graph, owner: nn.Module, keep: Iterable[str], training
 
 
 def _view(side: Any, training: bool, example_inputs: Any) -> _View:
-    from .grafted import Grafted
     from .trace import Traced, trace
 
     if _is_onnx(side):
@@ -564,7 +564,7 @@ def _view(side: Any, training: bool, example_inputs: Any) -> _View:
         return _onnx_view(model, title)
     if isinstance(side, _View):
         return side
-    if isinstance(side, Grafted):
+    if is_grafted(side):
         adapters = [f"{r.method}[{r.adapter}]" for r in side.records if r.adapter in side.active_adapters]
         title = f"{side._traced.model_class}" + (" + " + " + ".join(adapters) if adapters else "")
         return _graph_view(side.graph, side.graph_module, side.active_adapters, training, title)
@@ -582,10 +582,9 @@ def _view(side: Any, training: bool, example_inputs: Any) -> _View:
 
 
 def _example_inputs(side: Any) -> Any:
-    from .grafted import Grafted
     from .trace import Traced
 
-    if isinstance(side, Grafted):
+    if is_grafted(side):
         return side._traced.example_inputs
     if isinstance(side, Traced):
         return side.example_inputs
@@ -934,9 +933,7 @@ def diff(before: Any, after: Any, *, training: bool = False, example_inputs: Any
 
 def _base_of(side: Any, other: Any) -> str | None:
     """The model class when `side` is `other`'s base graph module (a GraphModule sharing its weights)."""
-    from .grafted import Grafted
-
-    if not isinstance(side, fx.GraphModule) or not isinstance(other, Grafted) or _tagged_adapters(side.graph):
+    if not isinstance(side, fx.GraphModule) or not is_grafted(other) or _tagged_adapters(side.graph):
         return None
     targets = [n.target for n in side.graph.nodes if n.op == "get_attr"]
     try:

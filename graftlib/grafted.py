@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
 from .errors import GraftError, GraftSpecError, near_names, require_eager
+from .protocols import GraftRecord, named_spec, provide
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
@@ -20,18 +21,6 @@ from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
 __all__ = ["Grafted", "GraftRecord", "apply"]
-
-
-@dataclass
-class GraftRecord:
-    """One applied graft: enough to replay it on a fresh trace and to save it."""
-
-    method: str
-    adapter: str
-    spec: str                       # the call's text, e.g. "lora(q,v,r=8)"
-    config: dict[str, Any]
-    sites: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -487,17 +476,7 @@ class Grafted(nn.Module):
         return "\n".join(lines)
 
 
-def _named_spec(record: GraftRecord) -> str:
-    """The spec that rebuilds `record` (save, re-trace), with its adapter name."""
-    replay = get_method(record.method).replay_spec(record)
-    if replay is not None:
-        return replay
-    call = parse_spec(record.spec)[0]
-    if "name" in call.options:
-        return record.spec
-    inner = record.spec[record.spec.index("(") + 1 : record.spec.rindex(")")].strip()
-    sep = ", " if inner else ""
-    return f"{call.method}({inner}{sep}name={record.adapter})"
+_named_spec = named_spec  # the spec that rebuilds a record (graftlib.protocols.named_spec)
 
 
 def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
@@ -551,3 +530,6 @@ def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: bool
     parse_spec(spec)  # fail on syntax before spending time tracing
     grafted = Grafted(trace(model, example_inputs, dynamic), model)
     return grafted.add(spec)
+
+
+provide(Grafted, apply)  # merge, io, peft, ... reach Grafted only through graftlib.protocols

@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import LoadError
+from .protocols import graft, is_grafted, named_spec
 from .registry import get_method
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["save", "load", "atomic_write", "restoring", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -76,9 +77,7 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
-    from .grafted import _named_spec
-
+def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for record in grafted.records:
         for site, params in grafted.store.tensors(record.adapter).items():
@@ -92,7 +91,7 @@ def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
                        "name_or_path": getattr(config, "_name_or_path", None) or None},
         "inputs": list(grafted.input_names),
         "active": list(grafted.active_adapters),
-        "adapters": [{"name": r.adapter, "method": r.method, "spec": _named_spec(r),
+        "adapters": [{"name": r.adapter, "method": r.method, "spec": named_spec(r),
                       "config": _jsonable(r.config), "sites": r.sites, "extras": _jsonable(r.extras)}
                      for r in grafted.records],
     }
@@ -127,10 +126,8 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None,
-         dynamic: bool = True) -> "Grafted":
+         dynamic: bool = True) -> "GraftedModule":
     """Rebuild the grafted module saved in `directory` on top of `model` (which is not modified)."""
-    from .grafted import Grafted, apply
-
     meta = read_config(directory)
     tensors = read_tensors(directory)
     records = meta["adapters"]
@@ -138,8 +135,8 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     if not spec:
         raise LoadError(f"{directory} holds no adapters")
     with _restoring_saved_tensors():
-        grafted = apply(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
-            if not isinstance(model, Grafted) else model.add(spec)
+        grafted = graft(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
+            if not is_grafted(model) else model.add(spec)
     install_tensors(grafted, tensors, [r["name"] for r in records], source=str(directory))
     for record in grafted.records:
         saved = next((r for r in records if r["name"] == record.adapter), None)
@@ -150,7 +147,7 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     return grafted
 
 
-def install_tensors(grafted: "Grafted", tensors: dict[str, torch.Tensor], adapters: list[str],
+def install_tensors(grafted: "GraftedModule", tensors: dict[str, torch.Tensor], adapters: list[str],
                     source: str) -> None:
     """Validate every expected tensor (present, right shape) and only then copy them in."""
     plan: list[tuple[nn.Module, str, torch.Tensor]] = []

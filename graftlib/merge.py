@@ -21,7 +21,7 @@ from .select import SiteIndex
 from .sites import Site, _walk_back, weight_value
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["merge_grafted", "site_ops"]
 
@@ -34,7 +34,7 @@ def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
     return [_walk_back(a.args[0].args[0]) if site.part else a for a in anchors]
 
 
-def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
+def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
     """Module path -> (its sites, summed delta in the stored weight's layout)."""
     deltas: dict[str, tuple[list[Site], torch.Tensor]] = {}
     for name in names:
@@ -69,7 +69,7 @@ def _site_group_ops(graph: fx.Graph, index: SiteIndex, sites: list[Site]) -> lis
     return list(dict.fromkeys(op for site in sites for op in site_ops(site, anchors.get(site.key, []))))
 
 
-def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Iterable[str] | None = None) -> "GraftedModule":
     if adapters is None:
         names = [a for a in grafted.active_adapters if get_method(grafted.adapters[a].method).mergeable]
     else:

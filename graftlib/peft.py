@@ -60,13 +60,14 @@ from torch import fx, nn
 from .editor import Editor, graft_tag
 from .errors import GraftError, LoadError, near_names
 from .io import atomic_write, install_tensors
+from .protocols import is_grafted, new_grafted
 from .registry import Method, register
 from .select import Selection, SiteIndex
 from .sites import Site, weight_value
 from .spec import GraftCall, parse_spec
 
 if TYPE_CHECKING:
-    from .grafted import Grafted, GraftRecord
+    from .protocols import GraftedModule, GraftRecord
 
 __all__ = ["from_peft", "save_peft", "read_peft", "peft_target_match", "Replace",
            "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
@@ -376,7 +377,7 @@ class _Plan:
         if extras:
             self.extras[adapter] = extras
 
-    def resolve(self, grafted: "Grafted") -> None:
+    def resolve(self, grafted: "GraftedModule") -> None:
         """Key one-site tensors by the site the graft created."""
         for adapter, params in self.single.items():
             holders = list(grafted.store[adapter].values()) if adapter in grafted.store else []
@@ -411,7 +412,7 @@ def _split_modules(state: Mapping[str, torch.Tensor], kinds: Mapping[str, str]
     return method, modules
 
 
-def _lora_plan(grafted: "Grafted", index: SiteIndex, config: dict[str, Any],
+def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any],
                state: Mapping[str, torch.Tensor], adapter: str, source: str) -> tuple[str, dict, dict]:
     """The lora(...) spec, tensors per site key and extras for a PEFT LoRA checkpoint."""
     _check_lora_options(config, source)
@@ -527,7 +528,7 @@ def _lora_spec(entries: dict[str, tuple], config: dict[str, Any], rslora: bool,
     return f"lora({spec})", tensors, extras
 
 
-def _modules_plan(grafted: "Grafted", config: dict[str, Any], modules: Mapping[str, tuple[str, torch.Tensor]],
+def _modules_plan(grafted: "GraftedModule", config: dict[str, Any], modules: Mapping[str, tuple[str, torch.Tensor]],
                   kinds: Mapping[str, str], source: str) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Validate modules_to_save copies (and changed base layers); (module paths, param -> tensor)."""
     names = _as_list(config.get("modules_to_save"))
@@ -589,7 +590,7 @@ def _with_name(spec: str, name: str) -> tuple[str, list[str]]:
     return " + ".join(out), names
 
 
-def _plan(grafted: "Grafted", config: dict[str, Any], state: dict[str, torch.Tensor], adapter: str,
+def _plan(grafted: "GraftedModule", config: dict[str, Any], state: dict[str, torch.Tensor], adapter: str,
           source: str) -> _Plan:
     peft_type = str(config.get("peft_type", "")).upper()
     kinds = _graph_parameters(grafted.graph_module)
@@ -623,28 +624,25 @@ def _plan(grafted: "Grafted", config: dict[str, Any], state: dict[str, torch.Ten
 
 
 def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str = "default",
-              example_inputs: Any = None, dynamic: bool = True) -> "Grafted":
+              example_inputs: Any = None, dynamic: bool = True) -> "GraftedModule":
     """Load a PEFT adapter folder as grafts on `model` (traced here) or on an existing Grafted.
 
     The adapter is named `adapter_name` (PEFT's modules_to_save become ``<adapter_name>_modules``) and is
     activated alongside the already active adapters. Nothing changes when the load fails.
     """
-    from .grafted import Grafted
-    from .trace import trace
-
     source = str(peft_dir)
     if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name):
         raise LoadError(f"adapter_name={adapter_name!r}: use letters, digits, '_' or '-' (e.g. 'default')")
     config, state = read_peft(peft_dir)
     _precheck(config, source)
-    if isinstance(model, Grafted):
+    if is_grafted(model):
         grafted = model
         for name in (adapter_name, adapter_name + MODULES_SUFFIX):
             if name in grafted.adapters:
                 raise LoadError(f"adapter {name!r} already exists: load with another adapter_name, e.g. "
                                 f"adapter_name={adapter_name!r}2, or delete_adapter({name!r}) first")
     else:
-        grafted = Grafted(trace(model, example_inputs, dynamic), model)
+        grafted = new_grafted(model, example_inputs, dynamic)
     plan = _plan(grafted, config, state, adapter_name, source)
     _install(grafted, plan, source)
     return grafted
@@ -660,7 +658,7 @@ def _precheck(config: dict[str, Any], source: str) -> None:
         raise LoadError(f"{source}: not supported: peft_type={config.get('peft_type')!r}; graftlib loads {known}")
 
 
-def _install(grafted: "Grafted", plan: _Plan, source: str) -> None:
+def _install(grafted: "GraftedModule", plan: _Plan, source: str) -> None:
     """Add the plan's grafts and copy its tensors in; on any failure undo both."""
     before, active = set(grafted.adapters), grafted.active_adapters
     grafted.add(" + ".join(plan.specs))
@@ -679,7 +677,7 @@ def _install(grafted: "Grafted", plan: _Plan, source: str) -> None:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _pick_adapter(grafted: "Grafted", adapter: str | None) -> "GraftRecord":
+def _pick_adapter(grafted: "GraftedModule", adapter: str | None) -> "GraftRecord":
     if adapter is not None:
         grafted._check_names([adapter])
         return grafted.adapters[adapter]
@@ -752,7 +750,7 @@ def _fuse_parts(entries: list[tuple[Site, Mapping[str, torch.Tensor]]], config: 
     return start, alpha, torch.cat(a_list), b_full
 
 
-def _lora_outputs(grafted: "Grafted", record: "GraftRecord", index: SiteIndex) -> list[_Out]:
+def _lora_outputs(grafted: "GraftedModule", record: "GraftRecord", index: SiteIndex) -> list[_Out]:
     tensors = grafted.store.tensors(record.adapter)
     originals = ((record.extras.get("peft") or {}).get("sites")) or {}
     by_path: dict[str, list[tuple[Site, Mapping[str, torch.Tensor]]]] = {}
@@ -779,7 +777,7 @@ def _lora_outputs(grafted: "Grafted", record: "GraftRecord", index: SiteIndex) -
     return outputs
 
 
-def _known_paths(grafted: "Grafted") -> set[str]:
+def _known_paths(grafted: "GraftedModule") -> set[str]:
     paths = {t.rsplit(".", 1)[0] for t in _graph_parameters(grafted.graph_module) if "." in t}
     model = grafted._model
     if model is not None:
@@ -787,14 +785,14 @@ def _known_paths(grafted: "Grafted") -> set[str]:
     return paths
 
 
-def _target_modules(grafted: "Grafted", paths: list[str]) -> list[str] | str:
+def _target_modules(grafted: "GraftedModule", paths: list[str]) -> list[str] | str:
     """Exact full paths as a list when no other module ends with one of them, else one exact regex."""
     known = _known_paths(grafted)
     clash = any(other != p and other.endswith("." + p) for p in paths for other in known)
     return f"(?:{_exact_regex(paths)})" if clash else sorted(paths)
 
 
-def _lora_config(grafted: "Grafted", record: "GraftRecord", outputs: list[_Out],
+def _lora_config(grafted: "GraftedModule", record: "GraftRecord", outputs: list[_Out],
                  index: SiteIndex) -> dict[str, Any]:
     original = (record.extras.get("peft") or {}).get("config")
     rslora = bool(record.config.get("rslora"))
@@ -825,7 +823,7 @@ def _lora_config(grafted: "Grafted", record: "GraftRecord", outputs: list[_Out],
     }
 
 
-def _export_lora(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _export_lora(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     index = SiteIndex.build(grafted.base_graph_module)
     outputs = _lora_outputs(grafted, record, index)
     state: dict[str, torch.Tensor] = {}
@@ -839,13 +837,13 @@ def _export_lora(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, A
     return _lora_config(grafted, record, outputs, index), state
 
 
-def _modules_record(grafted: "Grafted", record: "GraftRecord") -> "GraftRecord | None":
+def _modules_record(grafted: "GraftedModule", record: "GraftRecord") -> "GraftRecord | None":
     name = (record.extras.get("peft") or {}).get("modules") or record.adapter + MODULES_SUFFIX
     found = grafted.adapters.get(name)
     return found if found is not None and found.method == "replace" else None
 
 
-def _export(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if record.method == "replace":
         owner = (record.extras.get("peft") or {}).get("of")
         hint = f"save_peft(dir, adapter={owner!r}) writes it with its LoRA" if owner else \
@@ -867,7 +865,7 @@ def _export(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, Any], 
     return config, state
 
 
-def _export_modules(grafted: "Grafted", modules: "GraftRecord", config: dict[str, Any],
+def _export_modules(grafted: "GraftedModule", modules: "GraftRecord", config: dict[str, Any],
                     state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Replaced weights: ``<module>.base_layer.<param>`` for a module that also has LoRA (PEFT loads
     it into the wrapped layer), else ``<module>.<param>`` listed in modules_to_save."""
@@ -885,7 +883,7 @@ def _export_modules(grafted: "Grafted", modules: "GraftRecord", config: dict[str
     return config, state
 
 
-def save_peft(grafted: "Grafted", directory: str | os.PathLike, adapter: str | None = None) -> None:
+def save_peft(grafted: "GraftedModule", directory: str | os.PathLike, adapter: str | None = None) -> None:
     """Write `adapter` (the only one when None) as PEFT's adapter_config.json + adapter_model.safetensors."""
     record = _pick_adapter(grafted, adapter)
     config, state = _export(grafted, record)

@@ -105,6 +105,16 @@ class LoRA(Method):
         editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
     @staticmethod
+    def scale(config: dict[str, Any]) -> float:
+        """``s`` of the branch (combine and mixed batches read it through the registry)."""
+        return lora_scale(config)
+
+    @staticmethod
+    def branch_input(anchor: Any, site: Site) -> Any:
+        """The node the branch reads (mixed batches build their branch on it)."""
+        return LoRA._branch_input(anchor, site)
+
+    @staticmethod
     def _branch_input(anchor: Any, site: Site) -> Any:
         if site.part is None:
             return anchor.args[1] if site.kind == "conv1d" else anchor.args[0]
