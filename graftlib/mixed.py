@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from .editor import escape
 from .errors import GraftError, near_names, require_eager
+from .lowrank import pad_rank
 from .registry import get_method
 from .runtime import specialise
 from .select import SiteIndex
@@ -425,8 +426,6 @@ def _rank(site: Site, entries: list) -> int:
 
 def _stack_builders(site: Site, entries: list) -> tuple[Any, Any, list[torch.Tensor]]:
     """Callables that build the (A, B) stacks from the current parameters, and those parameters."""
-    from .peft import _pad_rank
-
     a_name, b_name = _param_names(site)
     rank, groups = _rank(site, entries), _groups(site)
     sources = [t for e in entries if e is not None for t in (e[0][a_name], e[0][b_name])]
@@ -437,7 +436,7 @@ def _stack_builders(site: Site, entries: list) -> tuple[Any, Any, list[torch.Ten
             if entry is None:
                 out.append(None)
                 continue
-            a, b = _pad_rank(entry[0][a_name].detach(), entry[0][b_name].detach(), rank, groups)
+            a, b = pad_rank(entry[0][a_name].detach(), entry[0][b_name].detach(), rank, groups)
             out.append((a, b * entry[1]))
         return out
 
