@@ -5,6 +5,11 @@ The layout is drawn here, not by a layout engine: the overview is the module tre
 inserted steps; a site's detail is its branch drawn left to right (inputs -> steps -> rerouted users).
 Boxes are sized from a monospace advance (``_CHAR``), so no text measuring is needed. ``html.css`` and
 ``html.js`` (package data next to this file) are read once and inlined into every page.
+
+No layout library: the overview is a nested module tree (boxes in boxes, layers in a grid), which
+layered graph layouts (Graphviz ``dot``, elkjs, dagre) do not draw, and a site's branch is a handful of
+nodes in a row. ``dot`` would be a system dependency and elkjs ~1.5 MB inlined into every page; the DOT
+output (``GraphDiff.to_dot``) is there for Graphviz users.
 """
 from __future__ import annotations
 
