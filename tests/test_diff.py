@@ -298,7 +298,9 @@ def test_join_label_shows_the_scale(spec: str, scale: float):
     g = _linear_lora(spec)
     (site,) = g.diff().sites
     join = site.chain[-1]
-    assert join.role == "join" and join.label == f"add scale={format(scale, '.6g')}" and "alpha" not in str(g.diff())
+    text = format(scale, ".6g")
+    text = text if "." in text or "e" in text else text + ".0"          # 2.0, 1.0, 3.0: a float
+    assert join.role == "join" and join.label == f"add scale={text}" and "alpha" not in str(g.diff())
     (node,) = [n for n in g.runtime_module().graph.nodes if (n.meta.get("custom") or {}).get("graft", {}).get(
         "role") == "join"]
     assert node.kwargs["alpha"] == pytest.approx(scale)    # the label is aten.add's alpha: the LoRA scale
