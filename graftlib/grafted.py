@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -181,6 +182,7 @@ class Grafted(nn.Module):
             self.records.append(GraftRecord(plan.method.name, plan.config["name"], plan.call.text,
                                             plan.config, [s.key for s in plan.selection.sites]))
         self._active = tuple(dict.fromkeys(self._active + tuple(p.config["name"] for p in plans)))
+        self._delegate("after_add")  # e.g. quantize releases the weights it replaced
         self._finish()
         return self
 
@@ -222,6 +224,9 @@ class Grafted(nn.Module):
         self._check_names([name])
         from .runtime import deactivate, eliminate_dead_code
 
+        if get_method(self.adapters[name].method).base_rewrite:
+            raise GraftError(f"{name!r} ({self.adapters[name].method}) rewrote the base model itself and cannot be "
+                             "deleted: graft the original model again")
         users = [r.adapter for r in self.records if name in get_method(r.method).depends_on(r.spec)]
         if users:
             raise GraftError(f"adapter {name!r} is used by {', '.join(map(repr, users))}: delete "
@@ -392,11 +397,13 @@ class Grafted(nn.Module):
         traced_with = ", ".join(sorted(self._traced_keys()))
         source = getattr(self, "_merged_from", None)
         if source is not None:  # a merged module: trace its source for these inputs, merge the same way
-            grafted, names = source
+            grafted, names, options = source
             traced = grafted._variant(inputs, unpadded)
             if unpadded and traced is grafted:
                 return None
-            merged = traced.merge(adapters=names)
+            with warnings.catch_warnings():  # the merge this module came from reported already
+                warnings.simplefilter("ignore", UserWarning)
+                merged = traced.merge(adapters=names, **options)
             merged._unpadded = unpadded
             return merged
         if not self.retraceable:
@@ -427,17 +434,20 @@ class Grafted(nn.Module):
             record.extras = extras.get(record.adapter, record.extras)
 
     # -- merge -----------------------------------------------------------------------------------
-    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None,
+              requantize: bool = False) -> "Grafted":
         """Fold the deltas of mergeable adapters into the weights.
 
         The result's graph has the base graph's ops (plus any non-mergeable adapters). With
         ``inplace=False`` (default) merged weights are new tensors and the original model and this
         module are untouched; with ``inplace=True`` the weights are updated in their storage (which
         the original model shares) and this module is returned.
+        Quantised weights are dequantised and merged in full precision, or quantised again with
+        ``requantize=True`` (the error that adds is reported).
         """
         from .merge import merge_grafted
 
-        return merge_grafted(self, inplace=inplace, adapters=adapters)
+        return merge_grafted(self, inplace=inplace, adapters=adapters, requantize=requantize)
 
     def _derived(self, graph: fx.Graph) -> "Grafted":
         """A new Grafted over `graph` sharing this one's parameters (for merged modules)."""

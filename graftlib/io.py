@@ -80,6 +80,8 @@ def _jsonable(value: Any) -> Any:
 def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for record in grafted.records:
+        if not get_method(record.method).saves_tensors:
+            continue  # rebuilt from the base model on load (quantised weights)
         for site, params in grafted.store.tensors(record.adapter).items():
             for pname, tensor in params.items():
                 tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
@@ -137,7 +139,8 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     with _restoring_saved_tensors():
         grafted = graft(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
             if not is_grafted(model) else model.add(spec)
-    install_tensors(grafted, tensors, [r["name"] for r in records], source=str(directory))
+    saved_names = [r["name"] for r in records if get_method(r["method"]).saves_tensors]
+    install_tensors(grafted, tensors, saved_names, source=str(directory))
     for record in grafted.records:
         saved = next((r for r in records if r["name"] == record.adapter), None)
         if saved is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["Site", "find_sites", "site_from_key", "weight_value"]
+__all__ = ["Site", "find_sites", "site_from_key", "weight_value", "stored_weight"]
 
 aten = torch.ops.aten
 
@@ -132,18 +132,29 @@ def _walk_forward(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def stored_weight(node: Any) -> str | None:
+    """The weight target `node` reads: a get_attr, or a base rewrite's stand-in for one (a quantised
+    weight's dequantise subgraph, tagged ``role="weight"``)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target
+    tag = (node.meta.get("custom") or {}).get("graft") or {}
+    return tag.get("weight") if tag.get("role") == "weight" else None
+
+
 def _linear_like(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, int, int] | None:
     """(kind, weight target, in, out) when `node` is a projection with a stored weight."""
     if node.target == aten.linear.default:
-        weight = node.args[1]
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            out_f, in_f = weight_value(gm, weight.target).shape
-            return "linear", weight.target, in_f, out_f
+        weight = stored_weight(node.args[1])
+        if weight is not None:
+            out_f, in_f = weight_value(gm, weight).shape
+            return "linear", weight, in_f, out_f
     if node.target == aten.addmm.default:
-        weight = node.args[2]
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            in_f, out_f = weight_value(gm, weight.target).shape
-            return "conv1d", weight.target, in_f, out_f
+        weight = stored_weight(node.args[2])
+        if weight is not None:
+            in_f, out_f = weight_value(gm, weight).shape
+            return "conv1d", weight, in_f, out_f
     return None
 
 
