@@ -82,10 +82,10 @@ LORA_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
 #: PEFT type -> pass module under graftlib.passes with peft_import / peft_export
 PASS_TYPES = {"ADALORA": "adalora", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
-              "PREFIX_TUNING": "prefix"}
+              "PREFIX_TUNING": "prefix", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft"}
 #: graftlib method -> its pass module (for save_peft)
 PASS_METHODS = {"adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
-                "ptuning_v2": "prefix"}
+                "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft"}
 
 # LoRA options: handled here, or metadata that does not change the model
 _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",

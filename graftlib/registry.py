@@ -141,7 +141,7 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix")
+_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "loha", "lokr", "oft")
 
 
 def register(cls: type[Method]) -> type[Method]:
