@@ -13,6 +13,10 @@ exactly zero. The branch is PEFT's own unmerged form (dW built from the factors,
 PEFT checkpoint loads with PEFT's outputs. Merge: ``W += dW``. Deltas add, so several LoHa (or LoRA)
 adapters on one weight merge by summing.
 
+Gradients are autograd's through the graph. (PEFT 0.21.2's hand-written ``HadaWeightCP.backward``,
+used with ``use_effective_conv2d``, returns w1_a / w2_a gradients that differ from autograd's derivative
+of its own forward; its non-CP ``HadaWeight`` agrees.)
+
 PEFT: ``peft_type`` LOHA, tensors ``<module>.hada_w1_a`` ... ``hada_t2``; ``peft_import`` /
 ``peft_export`` below convert both ways. Not supported: ``rank_dropout`` / ``module_dropout`` (training
 only; refused with the fix), rank / alpha patterns, nn.Conv1d (not a graftlib site).
