@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -149,7 +149,8 @@ def peft_spec_regex(paths: Iterable[str]) -> str:
     return "re:\"(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")\""
 
 
-def site_paths(record: Any, what: Callable[[str], str] | None = None) -> list[str]:
+def site_paths(record: Any) -> list[str]:
+    """The adapter's module paths, refusing slices of fused projections (PEFT adapts whole modules)."""
     for key in record.sites:
         if "[" in key:
             raise GraftError(f"adapter {record.adapter!r} adapts {key}, a slice of a fused projection, which "

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from graftlib.editor import Editor
 from graftlib.registry import Method, Option, positive, register

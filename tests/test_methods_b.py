@@ -225,26 +225,28 @@ def test_training_dropouts_are_refused_with_the_fix(method, option):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("oft(q,block_size=8,r=2)", "exactly one of block_size"),
-    ("lokr(q,decompose_factor=0)", "decompose_factor"),
-    ("loha(q,r=0)", "r=0 must be > 0"),
-    ("lokr(q,init=zero)", "not one of peft, lycoris"),
+    ("oft(head,block_size=8,r=2)", "exactly one of block_size"),
+    ("lokr(head,decompose_factor=0)", "decompose_factor"),
+    ("loha(head,r=0)", "r=0 must be > 0"),
+    ("lokr(head,init=zero)", "not one of peft, lycoris"),
+    ("oft(grouped)", "grouped, dilated or non-square"),
 ])
 def test_bad_options_point_at_the_option(spec, message):
     with pytest.raises(GraftSpecError, match=message):
-        graftlib.apply(build("bert")[0], spec)
+        graftlib.apply(build("convnet")[0], spec, example_inputs=example_inputs("convnet"))
 
 
 def test_oft_and_lora_on_one_weight_merge_exactly():
-    model, inputs = build("llama")
-    g = graftlib.apply(model, "oft(q,block_size=8,name=rot) + lora(q,r=2,name=low)").eval()
+    model, inputs = build("convnet")
+    g = graftlib.apply(model, "oft(head,block_size=4,name=rot) + lora(head,r=2,name=low)",
+                       example_inputs=example_inputs("convnet")).eval()
     _randomise(g.store.parameters(), std=0.1, seed=4)
     g._invalidate()
     want = _run(g, inputs)
     assert (want - _run(model, inputs)).abs().max() > 1e-3
     torch.testing.assert_close(_run(g.merge(), inputs), want, atol=TOL, rtol=0)
     with pytest.raises(Exception, match="one OFT adapter"):
-        g.add("oft(q,block_size=4,name=again)")
+        g.add("oft(head,block_size=8,name=again)")
 
 
 def test_oft_on_a_k_by_k_conv_rotates_the_flattened_filter():
@@ -285,3 +287,16 @@ def test_gradients_equal_peft(method, options):
             torch.testing.assert_close(param.grad, grads[peft_name], atol=1e-5, rtol=1e-4)
             compared += 1
     assert compared == len(grads) > 0
+
+
+@pytest.mark.parametrize("spec", ["loha(stem,head,r=2,effective_conv2d=true)", "lokr(grouped,head,r=2,init=lycoris)",
+                                  "oft(head,block_size=4,coft=true,eps=0.1)"])
+def test_graftlib_save_and_load_round_trip(spec, tmp_path):
+    model, inputs = build("convnet")
+    g = graftlib.apply(model, spec, example_inputs=example_inputs("convnet")).eval()
+    _randomise(g.store.parameters(), std=0.1, seed=6)
+    g._invalidate()
+    want = _run(g, inputs)
+    g.save(tmp_path)
+    loaded = graftlib.load(build("convnet")[0], tmp_path).eval()
+    torch.testing.assert_close(_run(loaded, inputs), want, atol=0, rtol=0)
