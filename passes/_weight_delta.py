@@ -25,7 +25,7 @@ from graftlib.editor import Editor
 from graftlib.errors import GraftError, LoadError
 from graftlib.sites import Site
 
-__all__ = ["kaiming", "join_delta", "weight_shape", "conv_options", "peft_sites", "peft_site_tensors",
+__all__ = ["kaiming", "join_delta", "rank_dropout", "weight_shape", "conv_options", "peft_sites", "peft_site_tensors",
            "peft_spec_regex", "site_paths", "target_modules", "check_options", "float_text", "PEFT_PREFIX", "METADATA_KEYS"]
 
 aten = torch.ops.aten
@@ -55,8 +55,29 @@ def conv_options(site: Site) -> tuple[list[int], list[int], list[int], int]:
     return list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"]
 
 
-def join_delta(editor: Editor, site: Site, delta: fx.Node) -> None:
-    """``y + op(x, dW)`` at the anchor: the op is the anchor's own (linear or conv2d, same geometry)."""
+def _keep_mask(editor: Editor, like: fx.Node, size: int, p: float) -> fx.Node:
+    """(size,) of 1 (kept) or 0 (dropped, probability p) in training; exactly 1 in eval, where the runtime
+    removes dropout nodes: ``min(dropout(ones), 1)`` maps dropout's {0, 1/(1-p)} to {0, 1}."""
+    ones = editor.call(aten.new_ones.default, like, [size])
+    return editor.call(aten.clamp_max.default, editor.call(aten.dropout.default, ones, p, True), 1.0)
+
+
+def rank_dropout(editor: Editor, site: Site, delta: fx.Node, p: float, rescale: bool) -> fx.Node:
+    """PEFT's LyCORIS rank dropout: rows of dW (output channels) dropped in training, optionally
+    rescaled by the kept fraction (``drop /= drop.mean()``)."""
+    if p <= 0:
+        return delta
+    keep = _keep_mask(editor, delta, site.out_features, p)                              # (out,)
+    if rescale:
+        keep = editor.call(aten.div.Tensor, keep, editor.call(aten.mean.default, keep))
+    rank = 4 if site.kind == "conv2d" else 2
+    keep = editor.call(aten.view.default, keep, [-1] + [1] * (rank - 1))
+    return editor.call(aten.mul.Tensor, delta, keep)
+
+
+def join_delta(editor: Editor, site: Site, delta: fx.Node, module_dropout: float = 0.0) -> None:
+    """``y + op(x, dW)`` at the anchor: the op is the anchor's own (linear or conv2d, same geometry).
+    With `module_dropout` the whole branch is skipped with that probability in training (PEFT's)."""
     anchor = editor.anchor
     x = anchor.args[0]
     if site.kind == "conv2d":
@@ -64,6 +85,8 @@ def join_delta(editor: Editor, site: Site, delta: fx.Node) -> None:
         h = editor.call(aten.conv2d.default, x, delta, None, stride, padding, dilation, groups)
     else:
         h = editor.call(aten.linear.default, x, delta)
+    if module_dropout > 0:
+        h = editor.call(aten.mul.Tensor, h, _keep_mask(editor, delta, 1, module_dropout))
     base = editor.value_at(anchor, same_shape=True)
     editor.join(base, aten.add.Tensor, base, h)
 
@@ -87,6 +110,10 @@ def check_options(config: Mapping[str, Any], handled: Iterable[str], source: str
             raise LoadError(f"{source}: not supported: {key}={config[key]!r} (training-time dropout graftlib's "
                             f"{str(config.get('peft_type')).lower()} does not have yet); set it to 0 in "
                             "adapter_config.json to load the adapter for inference")
+    for key in ("rank_dropout", "module_dropout"):
+        value = config.get(key) or 0.0
+        if not 0.0 <= float(value) < 1.0:
+            raise LoadError(f"{source}: {key}={value!r} must be in [0, 1)")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise LoadError(f"{source}: not supported: {key}={config[key]!r} (graftlib gives one adapter one "

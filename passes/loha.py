@@ -10,7 +10,8 @@
 with ``s = alpha / r`` and ``in`` the input channels per group. Initialisation is PEFT's
 (``init_weights=True``): w1_a, w1_b, w2_a (and t1, t2) kaiming-uniform, w2_b zero, so dW starts at
 exactly zero. The branch is PEFT's own unmerged form (dW built from the factors, then the op), so a
-PEFT checkpoint loads with PEFT's outputs. Merge: ``W += dW``. Deltas add, so several LoHa (or LoRA)
+PEFT checkpoint loads with PEFT's outputs. Training only (eval is exact): ``rank_dropout`` drops rows of
+dW and rescales by the kept fraction, ``module_dropout`` skips the whole branch, both as PEFT. Merge: ``W += dW``. Deltas add, so several LoHa (or LoRA)
 adapters on one weight merge by summing.
 
 Gradients are autograd's through the graph. (PEFT 0.21.2's hand-written ``HadaWeightCP.backward``,
@@ -18,8 +19,8 @@ used with ``use_effective_conv2d``, returns w1_a / w2_a gradients that differ fr
 of its own forward; its non-CP ``HadaWeight`` agrees.)
 
 PEFT: ``peft_type`` LOHA, tensors ``<module>.hada_w1_a`` ... ``hada_t2``; ``peft_import`` /
-``peft_export`` below convert both ways. Not supported: ``rank_dropout`` / ``module_dropout`` (training
-only; refused with the fix), rank / alpha patterns, nn.Conv1d (not a graftlib site).
+``peft_export`` below convert both ways. Not supported: rank / alpha patterns, nn.Conv1d (not a graftlib
+site).
 """
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ import torch
 from torch import nn
 
 from graftlib.editor import Editor
-from graftlib.registry import Method, Option, positive, register
+from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site
 from graftlib.spec import GraftCall
 
-from ._weight_delta import (check_options, float_text, join_delta, kaiming, peft_site_tensors, peft_sites,
-                            peft_spec_regex, site_paths, target_modules, weight_shape, PEFT_PREFIX)
+from ._weight_delta import (PEFT_PREFIX, check_options, float_text, join_delta, kaiming, peft_site_tensors,
+                            peft_sites, peft_spec_regex, rank_dropout, site_paths, target_modules, weight_shape)
 
 __all__ = ["LoHa", "loha_delta", "peft_import", "peft_export"]
 
@@ -79,6 +80,8 @@ class LoHa(Method):
     options = {
         "r": Option(8, (int,), positive, help="rank of each of the two factors"),
         "alpha": Option(8.0, (float,), positive, help="scale numerator: s = alpha / r (PEFT's default 8)"),
+        "rank_dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="training: drop rows of dW"),
+        "module_dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="training: skip the branch"),
         "effective_conv2d": Option(False, (bool,), help="CP-decomposed factors for k x k convolutions "
                                                         "(PEFT's use_effective_conv2d)"),
     }
@@ -102,7 +105,8 @@ class LoHa(Method):
         delta = editor.call(aten.mul.Tensor, editor.call(aten.mul.Tensor, first, second), scale)
         if site.kind == "conv2d":
             delta = editor.call(aten.view.default, delta, list(weight_shape(site)))  # (out, in/g, kh, kw)
-        join_delta(editor, site, delta)
+        delta = rank_dropout(editor, site, delta, config["rank_dropout"], True)
+        join_delta(editor, site, delta, config["module_dropout"])
 
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
         return loha_delta(site, {k: v.detach() for k, v in params.items()}, config["alpha"] / config["r"])
@@ -115,14 +119,19 @@ _HANDLED = {"r", "alpha", "use_effective_conv2d", "init_weights", "rank_pattern"
 def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                 model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT LoHa checkpoint as ``loha(re:"...", r=, alpha=, effective_conv2d=)`` plus its tensors."""
-    check_options(config, _HANDLED, "LoHa checkpoint", zero=("rank_dropout", "module_dropout"))
+    check_options(config, _HANDLED | {"rank_dropout", "module_dropout"}, "LoHa checkpoint")
     paths = peft_sites(config, model, (nn.Linear, nn.Conv2d), "loha")
     tensors = peft_site_tensors(state, paths, NAMES, "LoHa")
     r = int(config.get("r", 8))
     options = [peft_spec_regex(paths), f"r={r}", f"alpha={float_text(config.get('alpha', 8))}"]
     if config.get("use_effective_conv2d"):
         options.append("effective_conv2d=true")
+    options += _dropouts(config)
     return f"loha({', '.join(options)})", tensors
+
+
+def _dropouts(config: dict[str, Any]) -> list[str]:
+    return [f"{key}={float_text(config[key])}" for key in ("rank_dropout", "module_dropout") if config.get(key)]
 
 
 def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -133,7 +142,8 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
              for path in paths for name, value in tensors[path].items()}
     config = record.config
     return {"peft_type": "LOHA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-            "r": config["r"], "alpha": config["alpha"], "rank_dropout": 0.0, "module_dropout": 0.0,
+            "r": config["r"], "alpha": config["alpha"], "rank_dropout": config["rank_dropout"],
+            "module_dropout": config["module_dropout"],
             "use_effective_conv2d": bool(config["effective_conv2d"]), "target_modules": target_modules(grafted, paths),
             "exclude_modules": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}, state

@@ -13,11 +13,12 @@ with ``out = a*b``, ``in = c*d`` (in: channels per group) from PEFT's ``factoriz
 (``decompose_factor``, default: the divisor pair nearest the square root), ``s = alpha / r``, and the
 full (not low-rank) w2 used when ``r >= max(b, d) / 2`` — exactly PEFT's choices, so the shapes match
 its checkpoints. Initialisation is PEFT's: w1 (or w1_a) zero, the rest kaiming-uniform, so dW starts
-at zero; ``init=lycoris`` zeroes w2 (or w2_b) instead. Merge: ``W += dW``; deltas add.
+at zero; ``init=lycoris`` zeroes w2 (or w2_b) instead. Merge: ``W += dW``; deltas add. Training only
+(eval is exact): ``rank_dropout`` drops rows of dW (rescaled with ``rank_dropout_scale``),
+``module_dropout`` skips the whole branch, both as PEFT.
 
 PEFT: ``peft_type`` LOKR, tensors ``<module>.lokr_w1`` ... ``lokr_t2``; ``peft_import`` / ``peft_export``
-below. Not supported: ``rank_dropout`` / ``module_dropout`` (training only; refused with the fix),
-rank / alpha patterns, nn.Conv1d (not a graftlib site).
+below. Not supported: rank / alpha patterns, nn.Conv1d (not a graftlib site).
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ import torch
 from torch import nn
 
 from graftlib.editor import Editor
-from graftlib.registry import Method, Option, positive, register
+from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site
 from graftlib.spec import GraftCall
 
 from ._weight_delta import (PEFT_PREFIX, check_options, float_text, join_delta, kaiming, peft_site_tensors,
-                            peft_sites, peft_spec_regex, site_paths, target_modules, weight_shape)
+                            peft_sites, peft_spec_regex, rank_dropout, site_paths, target_modules, weight_shape)
 
 __all__ = ["LoKr", "factorization", "lokr_delta", "peft_import", "peft_export"]
 
@@ -111,6 +112,9 @@ class LoKr(Method):
         "alpha": Option(8.0, (float,), positive, help="scale numerator: s = alpha / r (PEFT's default 8)"),
         "decompose_both": Option(False, (bool,), help="low-rank w1 too (when r < max(a, c) / 2)"),
         "decompose_factor": Option(-1, (int,), help="Kronecker factor size (-1: nearest the square root)"),
+        "rank_dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="training: drop rows of dW"),
+        "module_dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="training: skip the branch"),
+        "rank_dropout_scale": Option(False, (bool,), help="rescale kept rows by the kept fraction"),
         "effective_conv2d": Option(False, (bool,), help="CP-decomposed w2 for k x k convolutions"),
         "init": Option("peft", (str,), choices=("peft", "lycoris"), help="which factor starts at zero"),
     }
@@ -145,7 +149,8 @@ class LoKr(Method):
             w1 = editor.call(aten.view.default, w1, [a, c, 1, 1])
         delta = editor.call(aten.mul.Tensor, editor.call(aten.kron.default, w1, w2), config["alpha"] / config["r"])
         delta = editor.call(aten.view.default, delta, list(weight_shape(site)))
-        join_delta(editor, site, delta)
+        delta = rank_dropout(editor, site, delta, config["rank_dropout"], config["rank_dropout_scale"])
+        join_delta(editor, site, delta, config["module_dropout"])
 
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
         return lokr_delta(site, {k: v.detach() for k, v in params.items()}, config["alpha"] / config["r"])
@@ -159,7 +164,7 @@ _HANDLED = {"r", "alpha", "use_effective_conv2d", "decompose_both", "decompose_f
 def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                 model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT LoKr checkpoint as ``lokr(re:"...", r=, alpha=, ...)`` plus its tensors."""
-    check_options(config, _HANDLED, "LoKr checkpoint", zero=("rank_dropout", "module_dropout"))
+    check_options(config, _HANDLED | {"rank_dropout", "module_dropout"}, "LoKr checkpoint")
     paths = peft_sites(config, model, (nn.Linear, nn.Conv2d), "lokr")
     tensors = peft_site_tensors(state, paths, NAMES, "LoKr")
     options = [peft_spec_regex(paths), f"r={int(config.get('r', 8))}",
@@ -171,6 +176,9 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
         options.append("effective_conv2d=true")
     if config.get("init_weights") == "lycoris":
         options.append("init=lycoris")
+    options += [f"{key}={float_text(config[key])}" for key in ("rank_dropout", "module_dropout") if config.get(key)]
+    if config.get("rank_dropout_scale"):
+        options.append("rank_dropout_scale=true")
     return f"lokr({', '.join(options)})", tensors
 
 
@@ -182,10 +190,11 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
              for path in paths for name, value in tensors[path].items()}
     config = record.config
     return {"peft_type": "LOKR", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-            "r": config["r"], "alpha": config["alpha"], "rank_dropout": 0.0, "module_dropout": 0.0,
+            "r": config["r"], "alpha": config["alpha"], "rank_dropout": config["rank_dropout"],
+            "module_dropout": config["module_dropout"],
             "use_effective_conv2d": bool(config["effective_conv2d"]),
             "decompose_both": bool(config["decompose_both"]), "decompose_factor": config["decompose_factor"],
-            "rank_dropout_scale": False, "target_modules": target_modules(grafted, paths),
+            "rank_dropout_scale": bool(config["rank_dropout_scale"]), "target_modules": target_modules(grafted, paths),
             "exclude_modules": None, "init_weights": "lycoris" if config["init"] == "lycoris" else True,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
             "modules_to_save": None}, state

@@ -20,7 +20,9 @@ so it is not mixed per row, and one weight takes one OFT adapter.
 PEFT (``peft_type`` OFT, tensors ``<module>.oft_R.weight`` / ``oft_embedding_R.weight``): ``peft_import`` /
 ``peft_export`` below. Refused: PEFT OFT on a k x k Conv2d (PEFT's unmerged forward unfolds and folds
 the input, which sums overlapping patches and ignores padding: it is neither its own merged model nor
-the base model at init), grouped convs, dilation, ``module_dropout``, ``bias`` other than "none".
+the base model at init), grouped convs, dilation, ``bias`` other than "none". ``module_dropout`` is
+accepted and has no effect, as in PEFT 0.21.2 (which builds its MultiplicativeDropoutLayer but never
+calls it in forward).
 """
 from __future__ import annotations
 
@@ -250,7 +252,7 @@ _HANDLED = {"r", "oft_block_size", "block_share", "coft", "eps", "use_cayley_neu
 def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                 model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT OFT checkpoint as ``oft(re:"...", block_size=|r=, ...)`` plus its tensors."""
-    check_options(config, _HANDLED, "OFT checkpoint", zero=("module_dropout",))
+    check_options(config, _HANDLED | {"module_dropout"}, "OFT checkpoint")  # inert in PEFT 0.21.2's forward
     if config.get("bias", "none") != "none":
         raise LoadError(f"OFT checkpoint: not supported: bias={config['bias']!r} (trained biases of the base model)")
     paths = peft_sites(config, model, (nn.Linear, nn.Conv2d, nn.Embedding), "oft")

@@ -213,15 +213,39 @@ def test_peft_oft_on_a_k_by_k_conv_is_refused_with_the_reason():
         graftlib.from_peft(build("convnet")[0], directory, example_inputs=example_inputs("convnet"))
 
 
-@pytest.mark.parametrize("method, option", [("loha", "rank_dropout"), ("lokr", "module_dropout"),
-                                            ("oft", "module_dropout")])
-def test_training_dropouts_are_refused_with_the_fix(method, option):
-    options = dict(target_modules=["head"], **{option: 0.5})
-    if method == "oft":
-        options.update(oft_block_size=4, r=0)
-    directory, _, _ = _peft_dir("convnet", method, options)
-    with pytest.raises(LoadError, match=f"not supported: {option}=0.5.*set it to 0"):
-        graftlib.from_peft(build("convnet")[0], directory, example_inputs=example_inputs("convnet"))
+class _MLP(torch.nn.Module):
+    """No dropout, no batch norm: train-mode outputs differ from eval only by the adapter's dropouts."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, X):
+        return self.head(torch.relu(self.lin0(X)))
+
+
+@pytest.mark.parametrize("method, options", [
+    ("loha", dict(rank_dropout=0.5, module_dropout=0.3)),
+    ("lokr", dict(rank_dropout=0.5, rank_dropout_scale=True)),
+    ("lokr", dict(module_dropout=0.5)),
+])
+def test_training_dropouts_load_exact_in_eval_and_drop_in_training(method, options, tmp_path):
+    inputs = {"X": torch.randn(5, 8, generator=torch.Generator().manual_seed(1))}
+    peft_model = get_peft_model(_MLP(), CONFIGS[method](target_modules=["lin0", "head"], r=2, **options))
+    _randomise([p for n, p in peft_model.named_parameters() if any(t in n for t in ADAPTER_PARAMS)])
+    want = _run(peft_model.eval(), inputs)
+    peft_model.save_pretrained(tmp_path)
+    g = graftlib.from_peft(_MLP(), tmp_path, example_inputs=inputs)
+    assert all(g.adapters["default"].config[k] == v for k, v in options.items())
+    torch.testing.assert_close(_run(g.eval(), inputs), want, atol=TOL, rtol=0)
+    g.train()
+    torch.manual_seed(0)
+    outputs = [_run(g, inputs) for _ in range(12)]
+    assert any((o - want).abs().max() > 1e-4 for o in outputs)  # something was dropped
+    if set(options) == {"module_dropout"}:  # each branch all on or all off: 4 possible outputs
+        assert len({tuple(o.flatten().tolist()) for o in outputs}) <= 4
+    torch.testing.assert_close(_run(g.eval(), inputs), want, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("spec, message", [
