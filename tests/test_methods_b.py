@@ -322,5 +322,5 @@ def test_graftlib_save_and_load_round_trip(spec, tmp_path):
     g._invalidate()
     want = _run(g, inputs)
     g.save(tmp_path)
-    loaded = graftlib.load(build("convnet")[0], tmp_path).eval()
+    loaded = graftlib.load(build("convnet")[0], tmp_path, example_inputs=example_inputs("convnet")).eval()
     torch.testing.assert_close(_run(loaded, inputs), want, atol=0, rtol=0)
