@@ -67,8 +67,9 @@ def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex)
         tensors = grafted.store.tensors(name)
         for key in record.sites:
             site = index.by_key(key)
-            delta = method.delta(site, tensors[key], record.config)
             weight = base_weight(grafted, site.weight)
+            reads = {"weight": weight} if getattr(method, "delta_reads_weight", False) else {}  # OFT: W' - W
+            delta = method.delta(site, tensors[key], record.config, **reads)
             sites, full = deltas.get(site.path, ([], torch.zeros_like(weight)))
             if site.span is None:
                 full += delta

@@ -67,10 +67,10 @@ LORA_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
 #: PEFT type -> pass module under graftlib.passes with peft_import (and optionally peft_check)
 PASS_TYPES = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
-              "PREFIX_TUNING": "prefix"}
+              "PREFIX_TUNING": "prefix", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft"}
 #: graftlib method -> its pass module with peft_export (for save_peft)
 PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
-                "ptuning_v2": "prefix"}
+                "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft"}
 
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W

@@ -147,7 +147,8 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize")
+_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize",
+                 "loha", "lokr", "oft")
 
 
 def register(cls: type[Method]) -> type[Method]:
