@@ -24,6 +24,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
+from .errors import GraftError
+from .names import safe_target
 from .sites import Site
 from .trace import fake_call
 
@@ -171,6 +173,8 @@ class Editor:
             else:
                 holder.register_buffer(name, value)
         target = f"{STORE}.{self.adapter}.{escape(self.site.key)}.{name}"
+        if not safe_target(target):  # names are checked at the boundary; never emit source from others
+            raise GraftError(f"refusing to create the graph attribute {target[:120]!r}: not a safe name")
         node = self._insert(lambda: self.graph.get_attr(target))
         value = getattr(holder, name)
         fake_mode = self._fake_mode()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from .text import caret_block, shorten
+
 __all__ = ["GraftError", "GraftSpecError", "TraceError", "LoadError", "near_names", "require_eager"]
 
 
@@ -21,8 +23,9 @@ class GraftSpecError(GraftError):
         self.reason = message
         self.spec = spec
         self.column = column
+        message = shorten(str(message))
         if spec is not None and column is not None:
-            message = f"{message}\n  {spec}\n  {' ' * column}^"
+            message = f"{message}\n{caret_block(spec, column)}"
         super().__init__(message)
 
 

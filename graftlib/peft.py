@@ -60,6 +60,7 @@ from torch import fx, nn
 from .editor import Editor, graft_tag
 from .errors import GraftError, LoadError, near_names
 from .io import atomic_write, install_tensors
+from .names import check_adapter_name
 from .registry import Method, register
 from .select import Selection, SiteIndex
 from .sites import Site, weight_value
@@ -96,7 +97,6 @@ _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision"
                  "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
 _SAFE_INITS = (True, False, "gaussian", "orthogonal", "eva")
-_NAME = re.compile(r"[A-Za-z_][\w\-]*")
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -633,8 +633,8 @@ def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str =
     from .trace import trace
 
     source = str(peft_dir)
-    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name):
-        raise LoadError(f"adapter_name={adapter_name!r}: use letters, digits, '_' or '-' (e.g. 'default')")
+    check_adapter_name(adapter_name, LoadError)
+    check_adapter_name(adapter_name + MODULES_SUFFIX, LoadError)
     config, state = read_peft(peft_dir)
     _precheck(config, source)
     if isinstance(model, Grafted):

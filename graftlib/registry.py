@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .errors import GraftSpecError, near_names
+from .names import name_check
+from .safety import option_bound_problem, shorten
 from .spec import GraftCall
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ def in_range(lo: float, hi: float, hi_open: bool = True) -> Callable[[Any], str 
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "name": Option("default", (str,), help="adapter name"),
+    "name": Option("default", (str,), check=name_check, help="adapter name ([A-Za-z_][A-Za-z0-9_-]{0,63})"),
     "layers": Option(None, (int, tuple), help="layer indices: 3, 0-5 or [0,2,4]"),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a name or string",
@@ -102,6 +104,9 @@ class Method:
         if not ok:
             wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in option.types)
             raise call.option_error(key, f"{key}={value!r}: expected {wanted}")
+        bound = option_bound_problem(key, value)
+        if bound:
+            raise call.option_error(key, f"{key}={shorten(repr(value), 60)} {bound}")
         if option.choices is not None and value not in option.choices:
             raise call.option_error(
                 key, f"{key}={value!r} is not one of {', '.join(option.choices)}")
