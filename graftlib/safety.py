@@ -31,7 +31,7 @@ from .errors import GraftError, LoadError
 from .text import MAX_MESSAGE, shorten
 
 __all__ = ["REGEX_SECONDS", "MAX_PATTERN", "OPTION_BOUNDS", "MAX_INT", "MAX_JSON_BYTES", "MAX_JSON_DEPTH",
-           "MAX_MESSAGE", "BoundedRegex", "option_bound_problem", "read_json", "shorten", "exclusive_trace",
+           "MAX_MESSAGE", "BoundedRegex", "regex_call", "option_bound_problem", "read_json", "shorten", "exclusive_trace",
            "TRACE_LOCK"]
 
 REGEX_SECONDS = 1.0
@@ -114,6 +114,30 @@ class BoundedRegex:
 
     def search(self, text: str) -> Any:
         return self._run("search", text)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str) -> Any:
+    return regex.compile(pattern, regex.VERSION0)
+
+
+def regex_call(method: str, pattern: Any, text: str, what: str,
+               error: Callable[[str], Exception] = LoadError) -> Any:
+    """``regex.<method>(pattern, text)`` for an untrusted pattern (re syntax): invalid, too long or slower
+    than REGEX_SECONDS on one text raises `error` naming `what`."""
+    if not isinstance(pattern, str):
+        raise error(f"{what} {_shown(pattern)} must be a string (a regular expression)")
+    if len(pattern) > MAX_PATTERN:
+        raise error(f"{what} is {len(pattern)} characters long; at most {MAX_PATTERN}")
+    try:
+        compiled = _compiled(pattern)
+    except Exception as exc:  # regex.error, OverflowError, RecursionError, ...
+        raise error(f"invalid {what} {_shown(pattern)}: {shorten(str(exc), 200)}") from None
+    try:
+        return getattr(compiled, method)(text, timeout=REGEX_SECONDS)
+    except TimeoutError:
+        raise error(f"{what} {_shown(pattern)} takes more than {REGEX_SECONDS:g} s to match "
+                    "(catastrophic backtracking?); simplify it") from None
 
 
 def _depth(value: Any) -> int:
