@@ -51,5 +51,12 @@ def require_eager(what: str, fix: str) -> None:
     a module first needed under compile is an error that says how to build it beforehand."""
     import torch
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling():
+        from .safety import TRACE_LOCK  # another thread's torch.export sets the process-wide flag
+
+        with TRACE_LOCK:
+            compiling = torch.compiler.is_compiling()
+    else:
+        compiling = torch.compiler.is_compiling()
+    if compiling:
         raise GraftError(f"{what} is not built yet and cannot be built while torch.compile traces: {fix}")

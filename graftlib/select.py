@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .errors import near_names
+from .errors import GraftSpecError, near_names
 from .safety import BoundedRegex
 from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
 from .spec import GraftCall, Target, parse_spec
