@@ -80,10 +80,10 @@ def check_peft_config(config: Mapping[str, Any], source: str) -> None:
     if not isinstance(peft_type, str):
         raise LoadError(f"{source}: peft_type={_show(peft_type)} must be a string such as 'LORA'")
     for key, bounds in INT_FIELDS.items():
-        if config.get(key) is not None:
+        if config.get(key) is not None or (key == "r" and key in config):
             _int(source, key, config[key], bounds)
     for key, bounds in FLOAT_FIELDS.items():
-        if config.get(key) is not None:
+        if config.get(key) is not None or (key == "lora_alpha" and key in config):
             _float(source, key, config[key], bounds)
     _names(source, "target_modules", config.get("target_modules"), regex_ok=True)
     _names(source, "exclude_modules", config.get("exclude_modules"), regex_ok=True)
