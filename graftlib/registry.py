@@ -104,9 +104,6 @@ class Method:
         if not ok:
             wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in option.types)
             raise call.option_error(key, f"{key}={value!r}: expected {wanted}")
-        bound = option_bound_problem(key, value)
-        if bound:
-            raise call.option_error(key, f"{key}={shorten(repr(value), 60)} {bound}")
         if option.choices is not None and value not in option.choices:
             raise call.option_error(
                 key, f"{key}={value!r} is not one of {', '.join(option.choices)}")
@@ -114,6 +111,9 @@ class Method:
             problem = option.check(value)
             if problem:
                 raise call.option_error(key, f"{key}={value!r} {problem}")
+        bound = option_bound_problem(key, value)  # after the method's own check: its message comes first
+        if bound:
+            raise call.option_error(key, f"{key}={shorten(repr(value), 60)} {bound}")
         return value
 
     def validate(self, call: GraftCall, config: dict[str, Any]) -> None:
