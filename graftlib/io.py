@@ -32,12 +32,13 @@ from torch import nn
 
 from .errors import GraftError, GraftSpecError, LoadError
 from .names import adapter_name_problem
+from .protocols import graft, is_grafted, named_spec
 from .registry import get_method
 from .safety import read_json, shorten
 from .spec import parse_spec
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["save", "load", "atomic_write", "write_directory", "clean_staging", "restoring", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -226,11 +227,11 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
-    from .grafted import _named_spec
-
+def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for record in grafted.records:
+        if not get_method(record.method).saves_tensors:
+            continue  # rebuilt from the base model on load (quantised weights)
         for site, params in grafted.store.tensors(record.adapter).items():
             for pname, tensor in params.items():
                 tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
@@ -242,7 +243,7 @@ def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
                        "name_or_path": getattr(config, "_name_or_path", None) or None},
         "inputs": list(grafted.input_names),
         "active": list(grafted.active_adapters),
-        "adapters": [{"name": r.adapter, "method": r.method, "spec": _named_spec(r),
+        "adapters": [{"name": r.adapter, "method": r.method, "spec": named_spec(r),
                       "config": _jsonable(r.config), "sites": r.sites, "extras": _jsonable(r.extras)}
                      for r in grafted.records],
     }
@@ -343,19 +344,17 @@ def _check_saved_adapters(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
 
 
 def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None,
-         dynamic: bool = True) -> "Grafted":
+         dynamic: bool = True) -> "GraftedModule":
     """Rebuild the grafted module saved in `directory` on top of `model` (which is not modified).
 
     Onto an existing :class:`Grafted` it is all or nothing: any failure leaves it as it was."""
-    from .grafted import Grafted, apply
-
     source = str(directory)
     meta = read_config(directory)
     tensors = read_tensors(directory)
     _check_saved_adapters(meta, tensors, source)
     records = meta["adapters"]
     names = [r["name"] for r in records]
-    if isinstance(model, Grafted):
+    if is_grafted(model):
         clash = [n for n in names if n in model.adapters]
         if clash:
             raise LoadError(f"adapter {clash[0]!r} already exists: delete_adapter({clash[0]!r}) first, or "
@@ -363,16 +362,16 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     spec = " + ".join(r["spec"] for r in records)
     try:
         with _restoring_saved_tensors():
-            if not isinstance(model, Grafted):
-                return _finish_load(apply(model, spec, example_inputs=example_inputs, dynamic=dynamic),
+            if not is_grafted(model):
+                return _finish_load(graft(model, spec, example_inputs=example_inputs, dynamic=dynamic),
                                     meta, tensors, source)
             return _load_into(model, spec, meta, tensors, source)
     except GraftSpecError as exc:
         raise LoadError(f"{source}: the saved spec does not apply to this model: {exc}") from None
 
 
-def _load_into(grafted: "Grafted", spec: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-               source: str) -> "Grafted":
+def _load_into(grafted: "GraftedModule", spec: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+               source: str) -> "GraftedModule":
     before, active = set(grafted.adapters), grafted.active_adapters
     grafted.add(spec)
     try:
@@ -387,10 +386,11 @@ def _load_into(grafted: "Grafted", spec: str, meta: dict[str, Any], tensors: dic
         raise
 
 
-def _finish_load(grafted: "Grafted", meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-                 source: str) -> "Grafted":
+def _finish_load(grafted: "GraftedModule", meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 source: str) -> "GraftedModule":
     records = meta["adapters"]
-    install_tensors(grafted, tensors, [r["name"] for r in records], source=source)
+    saved_names = [r["name"] for r in records if get_method(r["method"]).saves_tensors]
+    install_tensors(grafted, tensors, saved_names, source=source)
     for record in grafted.records:
         saved = next((r for r in records if r["name"] == record.adapter), None)
         if saved is not None:
@@ -401,7 +401,7 @@ def _finish_load(grafted: "Grafted", meta: dict[str, Any], tensors: dict[str, to
     return grafted
 
 
-def install_tensors(grafted: "Grafted", tensors: dict[str, torch.Tensor], adapters: list[str],
+def install_tensors(grafted: "GraftedModule", tensors: dict[str, torch.Tensor], adapters: list[str],
                     source: str) -> None:
     """Validate every expected tensor (present, right shape) and only then copy them in."""
     plan: list[tuple[nn.Module, str, torch.Tensor]] = []
