@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from .errors import GraftError
-from .names import safe_target
+from .names import safe_atom, safe_target
 from .sites import Site
 from .trace import fake_call
 
@@ -67,7 +67,8 @@ def _comes_after(node: fx.Node, start: fx.Node) -> bool:
 
 
 def escape(key: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]", "_", key)
+    esc = re.sub(r"[^0-9A-Za-z_]", "_", key)
+    return esc if safe_atom(esc) else f"_{esc}"  # a keyword site ('class') or an empty key
 
 
 class SiteParams(nn.Module):

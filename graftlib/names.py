@@ -22,7 +22,8 @@ from torch import fx, nn
 from .errors import GraftError
 
 __all__ = ["ADAPTER_NAME", "MAX_NAME_LENGTH", "adapter_name_problem", "check_adapter_name", "name_check",
-           "safe_atom", "safe_target", "sanitize_program", "sanitize_targets"]
+           "original_path", "safe_atom", "safe_target", "sanitize_program",
+           "sanitize_targets"]
 
 MAX_NAME_LENGTH = 64
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -116,9 +117,22 @@ def sanitize_program(program: Any) -> dict[str, str]:
     return mapping
 
 
-def sanitize_targets(gm: fx.GraphModule) -> dict[str, str]:
+ORIGINAL_ATOMS = "graftlib_original_atoms"  # gm.meta key: {generated atom: the user's module name}
+
+
+def original_path(gm: fx.GraphModule, path: str) -> str:
+    """`path` with generated atoms mapped back to the user's module names (data for sites, never code)."""
+    atoms = getattr(gm, "meta", {}).get(ORIGINAL_ATOMS) or {}
+    return ".".join(atoms.get(a, a) for a in path.split(".")) if atoms and path else path
+
+
+def sanitize_targets(gm: fx.GraphModule, program_renames: dict[str, str] | None = None) -> dict[str, str]:
     """Move every ``get_attr`` / ``call_module`` target of `gm` that is not a safe path to a generated
-    root attribute, so no user-chosen text reaches the generated source. Returns {old: new}."""
+    root attribute, so no user-chosen text reaches the generated source. Returns {old: new}; the user's
+    names (these and `program_renames` from :func:`sanitize_program`) are kept in ``gm.meta`` for
+    :func:`original_path`."""
+    if program_renames:
+        gm.meta.setdefault(ORIGINAL_ATOMS, {}).update({new: old for old, new in program_renames.items()})
     renamed: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("get_attr", "call_module") or safe_target(node.target):
@@ -142,6 +156,7 @@ def sanitize_targets(gm: fx.GraphModule) -> dict[str, str]:
                 setattr(gm, new, value)
                 delattr(owner, leaf)
             renamed[node.target] = new
+            gm.meta.setdefault(ORIGINAL_ATOMS, {})[new] = node.target
         node.target = renamed[node.target]
     if renamed:
         gm.recompile()

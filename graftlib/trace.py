@@ -207,9 +207,9 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
             f"what to try: {hints}"
         ) from exc
     with _use_lazy_graph_module(True):
-        sanitize_program(program)  # user module names ('a"b') never reach generated source
+        renamed = sanitize_program(program)  # user module names ('a"b') never reach generated source
         graph_module = program.module()
-    sanitize_targets(graph_module)  # user module names ('a"b') never reach generated source
+    sanitize_targets(graph_module, renamed)  # user module names ('a"b') never reach generated source
     return Traced(
         graph_module=graph_module,
         input_names=tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)),

@@ -118,8 +118,8 @@ def test_hostile_module_names_never_reach_generated_code(tmp_path: Path) -> None
             return x
 
     model = Odd()
-    g = graftlib.apply(model, 'lora(re:".*", r=2)', example_inputs=(X,))
-    assert len(g.sites()) == 4
+    g = graftlib.apply(model, 'lora(re:"(?s).*", r=2)', example_inputs=(X,))
+    assert sorted(g.sites()) == sorted(names)  # sites keep the user's names (data), attributes are generated
     assert torch.equal(g(X), model(X))  # B is zero: exactly the eager model
     _randomise(g, 1)
     assert (g(X) - model(X)).abs().max() > 1e-3
