@@ -52,7 +52,7 @@ def require_eager(what: str, fix: str) -> None:
     import torch
 
     if torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling():
-        from .safety import TRACE_LOCK  # another thread's torch.export sets the process-wide flag
+        from .locks import TRACE_LOCK  # another thread's torch.export sets the process-wide flag
 
         with TRACE_LOCK:
             compiling = torch.compiler.is_compiling()

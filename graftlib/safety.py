@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ import regex
 import torch
 
 from .errors import GraftError, LoadError
+from .locks import TRACE_LOCK
 from .text import MAX_MESSAGE, shorten
 
 __all__ = ["REGEX_SECONDS", "MAX_PATTERN", "OPTION_BOUNDS", "MAX_INT", "MAX_JSON_BYTES", "MAX_JSON_DEPTH",
@@ -176,7 +176,6 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # -- the trace lock ---------------------------------------------------------------------------------
-TRACE_LOCK = threading.RLock()
 F = TypeVar("F", bound=Callable[..., Any])
 _FLAGS = ("_is_compiling_flag", "_is_exporting_flag")
 
