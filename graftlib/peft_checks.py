@@ -27,6 +27,7 @@ FLOAT_FIELDS: dict[str, tuple[float, float]] = {
     "orth_reg_weight": (-1e6, 1e6),
 }
 _LIST_LIMIT = 100_000
+_RANKED = {"LORA", "ADALORA"}  # types whose r is a rank (> 0); OFT may write r=0
 
 
 def _show(value: Any) -> str:
@@ -80,6 +81,8 @@ def check_peft_config(config: Mapping[str, Any], source: str) -> None:
     if not isinstance(peft_type, str):
         raise LoadError(f"{source}: peft_type={_show(peft_type)} must be a string such as 'LORA'")
     for key, bounds in INT_FIELDS.items():
+        if key == "r" and peft_type.upper() not in _RANKED:
+            bounds = (0, bounds[1])  # OFT writes r=0 when it is sized by oft_block_size
         if config.get(key) is not None or (key == "r" and key in config):
             _int(source, key, config[key], bounds)
     for key, bounds in FLOAT_FIELDS.items():

@@ -42,7 +42,7 @@ MAX_JSON_DEPTH = 32
 
 # option -> (lowest, highest) inclusive; every float option is also finite
 OPTION_BOUNDS: dict[str, tuple[float, float]] = {
-    "r": (1, 4096), "init_r": (1, 4096), "target_r": (1, 4096), "rank": (1, 4096),
+    "r": (0, 4096), "init_r": (1, 4096), "target_r": (1, 4096), "rank": (1, 4096),
     "m": (1, 65536), "reduction": (1, 65536), "n": (1, 4096), "hidden": (1, 65536),
     "encoder_layers": (1, 16), "layers": (0, 100_000),
     "alpha": (-1e6, 1e6), "scale": (-1e6, 1e6), "temperature": (1e-6, 1e6),

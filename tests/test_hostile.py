@@ -281,7 +281,7 @@ SPEC_ERRORS = [
     ("lora(fc1, alpha=1e309)", "not a finite float"),
     ("lora(fc1, layers=0-30000000)", "at most 100000"),
     ("prompt(n=0-99999999999)", "more than 20 digits|at most 100000"),
-    ("lora(fc1, r=9223372036854775807)", r"r must be in \[1, 4096\]"),
+    ("lora(fc1, r=9223372036854775807)", r"r must be in \[0, 4096\]"),
     ("lora(fc1, alpha=1e308)", r"alpha must be in \[-1e\+06, 1e\+06\]"),
     ("ptuning(encoder_layers=100000)", r"encoder_layers must be in \[1, 16\]"),
     ("lora(fc1, " + "x" * 200_000 + ")", "characters long"),
