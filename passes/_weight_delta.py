@@ -187,6 +187,6 @@ def site_paths(record: Any) -> list[str]:
 
 def target_modules(grafted: Any, paths: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly `paths` (a list, or one exact regex on a name clash)."""
-    from graftlib.peft import _target_modules
+    from graftlib.passes.lora_peft import _target_modules
 
     return _target_modules(grafted, paths)
