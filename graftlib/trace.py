@@ -33,6 +33,8 @@ from torch.fx.experimental.sym_node import SymNode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import TraceError
+from .names import sanitize_program, sanitize_targets
+from .safety import exclusive_trace
 
 __all__ = ["Traced", "trace", "example_inputs_for", "fake_call"]
 
@@ -172,6 +174,7 @@ _HINTS = (
 )
 
 
+@exclusive_trace  # one trace at a time per process; torch's global flags restored on every path
 def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
           stack_traces: bool = False) -> Traced:
     """Trace ``model`` into an aten-level graph module (torch.export, non-strict, training mode).
@@ -204,7 +207,9 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
             f"what to try: {hints}"
         ) from exc
     with _use_lazy_graph_module(True):
+        renamed = sanitize_program(program)  # user module names ('a"b') never reach generated source
         graph_module = program.module()
+    sanitize_targets(graph_module, renamed)  # user module names ('a"b') never reach generated source
     return Traced(
         graph_module=graph_module,
         input_names=tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)),
