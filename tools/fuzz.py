@@ -11,6 +11,7 @@ success once the added adapters are deleted); the user's model unchanged. Prints
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -211,6 +212,7 @@ class Driver:
                 p.normal_()
         self.model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.reference = self.g(**self.inputs)
+        self.pristine = copy.deepcopy(self.g)  # to undo grafts that cannot be deleted (quantize)
         self.marker = marker
         self.counts: Counter[str] = Counter()
         self.others: list[str] = []
@@ -221,6 +223,7 @@ class Driver:
 
     def run(self, label: str, action: Callable[[], Any]) -> None:
         from graftlib.errors import GraftError
+        from graftlib.registry import get_method
 
         before = _snapshot(self.g)
         out_before = self.reference.last_hidden_state
@@ -247,8 +250,12 @@ class Driver:
             self.others.append(f"{label}: took {elapsed:.2f} s")
         self.counts[outcome] += 1
         if outcome == "ok":  # undo a success, then check the undo restored everything
-            for name in [n for n in self.g.adapters if n not in before[0]][::-1]:
-                self.g.delete_adapter(name)
+            added = [n for n in self.g.adapters if n not in before[0]][::-1]
+            if any(get_method(self.g.adapters[n].method).base_rewrite for n in added):
+                self.g = copy.deepcopy(self.pristine)  # a base rewrite cannot be deleted: start again
+            else:
+                for name in added:
+                    self.g.delete_adapter(name)
             self.g.set_active(list(before[1]))
         after = _snapshot(self.g)
         if after[0] != before[0] or after[1] != before[1] or not _same(after[2], before[2]) \
@@ -276,11 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         marker = root / "pwned"
         driver = Driver(marker)
-        g = driver.g
         start = time.perf_counter()
         for i in range(args.specs):
             spec = random_spec(rng, marker)
-            driver.run(f"spec {spec[:120]!r}", lambda s=spec: g.add(s))
+            driver.run(f"spec {spec[:120]!r}", lambda s=spec: driver.g.add(s))
         spec_counts = dict(driver.counts)
         driver.counts.clear()
         second = driver.graftlib.apply(driver.model, "lora(q, r=2, name=second)")
@@ -296,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             kind = corrupt_checkpoint(rng, root / ("good_peft" if peft else "good_graft"), peft, out, marker)
             kinds[("peft " if peft else "graft ") + kind.split("=")[0]] += 1
             if peft:
-                driver.run(f"peft {kind}", lambda d=out: driver.graftlib.from_peft(g, d, adapter_name="second"))
+                driver.run(f"peft {kind}", lambda d=out: driver.graftlib.from_peft(driver.g, d, adapter_name="second"))
             else:
-                driver.run(f"graft {kind}", lambda d=out: driver.graftlib.load(g, d))
+                driver.run(f"graft {kind}", lambda d=out: driver.graftlib.load(driver.g, d))
         report = {"specs": args.specs, "spec_outcomes": spec_counts, "checkpoints": args.checkpoints,
                   "checkpoint_outcomes": dict(driver.counts), "checkpoint_kinds": len(kinds),
                   "slowest_case_s": round(driver.slowest, 3), "seconds": round(time.perf_counter() - start, 1),
