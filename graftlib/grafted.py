@@ -8,7 +8,7 @@ parameters and the adapter store shared (``_adopt_parameters``)::
     Context(training=False, inputs={input_ids, attention_mask}, mask="padded")  -> eval-mode trace
     Context(training=True,  inputs={input_ids, attention_mask}, mask="padded")  -> train-mode trace
     Context(training=True,  inputs={..., labels},               mask="padded")  -> trace with labels
-    Context(training=False, inputs={input_ids, attention_mask}, mask="unpadded") -> HF's mask skip forced
+    Context(training=False, inputs={input_ids, attention_mask}, mask=UNPADDED)  -> HF's mask skip forced
 
 So an eval graph is an eval-mode trace, exact by construction (stochastic depth, ``if self.training:``
 branches and batch norm are recorded as eval runs them), rather than a train graph with dropout removed.
@@ -34,7 +34,7 @@ from .runtime import build_module, copy_graph, flat_module, op_histogram, specia
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
 from .trace import Traced, trace
-from .unpadded import assume_unpadded, is_unpadded_call, masked_attention_count
+from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
 __all__ = ["Grafted", "GraftRecord", "Context", "apply"]
 
@@ -44,7 +44,7 @@ class Context(NamedTuple):
 
     training: bool
     inputs: frozenset[str]          # the call's keyword inputs, constants included
-    mask: str = "padded"            # "unpadded": traced with Hugging Face's mask skip (unpadded.py)
+    mask: str = "padded"            # UNPADDED: traced with Hugging Face's mask skip (unpadded.py)
 
 
 @dataclass
@@ -419,7 +419,7 @@ class Grafted(nn.Module):
 
     def _own_context(self) -> Context:
         return Context(self._traced.training, frozenset(self._traced_keys()),
-                       "unpadded" if self._unpadded else "padded")
+                       UNPADDED if self._unpadded else "padded")
 
     def _mode_traceable(self) -> bool:
         """Whether another mode can be traced (else this graph runs in both, specialised by op name)."""
@@ -435,7 +435,7 @@ class Grafted(nn.Module):
         (another mode, other inputs such as ``labels``, unpadded batches; `unpadded` None: from the mask)."""
         if unpadded is None:
             unpadded = not self._unpadded and is_unpadded_call(self._traced.config, inputs)
-        mask = "unpadded" if unpadded or self._unpadded else "padded"
+        mask = UNPADDED if unpadded or self._unpadded else "padded"
         return self._resolve(Context(self.training, frozenset(inputs), mask), inputs)
 
     def _resolve(self, context: Context, inputs: dict[str, Any] | None) -> "Grafted":
@@ -466,7 +466,7 @@ class Grafted(nn.Module):
         return set(self._traced.input_names) | self._traced.constants.keys()
 
     def _make_variant(self, context: Context, inputs: dict[str, Any] | None) -> "Grafted | None":
-        unpadded = context.mask == "unpadded"
+        unpadded = context.mask == UNPADDED
         if inputs is None:
             inputs = {**self._traced.example_inputs, **self._traced.constants}
         traced_with = ", ".join(sorted(self._traced_keys()))

@@ -303,7 +303,7 @@ _MEANING = {
 
 
 def explain_trace_failure(model_class: str, exc: BaseException) -> str:
-    """At most 15 lines: what failed where (the user's file and line), what it means, what helps."""
+    """At most 15 lines: what failed where (the user's file and line), what it means, what to try."""
     meaning, options = _MEANING[_kind(exc)]
     reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     lines = [f"torch.export could not trace {model_class}: {meaning}"]
@@ -313,7 +313,7 @@ def explain_trace_failure(model_class: str, exc: BaseException) -> str:
         if frame.line:
             lines.append(f"    {frame.line.strip()[:160]}")
     lines.append(f"  torch: {type(exc).__name__}: {reason[:240]}")
-    lines.append("what helps:")
+    lines.append("what to try:")
     lines.extend(f"  - {option}" for option in options)
     lines.append("(the full torch error is chained below this one)")
     return "\n".join(lines)
