@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
 from .errors import GraftError, GraftSpecError, near_names, require_eager
+from .protocols import GraftRecord, named_spec, provide
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
@@ -45,18 +47,6 @@ class Context(NamedTuple):
     training: bool
     inputs: frozenset[str]          # the call's keyword inputs, constants included
     mask: str = "padded"            # UNPADDED: traced with Hugging Face's mask skip (unpadded.py)
-
-
-@dataclass
-class GraftRecord:
-    """One applied graft: enough to replay it on a fresh trace and to save it."""
-
-    method: str
-    adapter: str
-    spec: str                       # the call's text, e.g. "lora(q,v,r=8)"
-    config: dict[str, Any]
-    sites: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +211,7 @@ class Grafted(nn.Module):
                              [s.key for s in plan.selection.sites]) for plan in plans]
         self.records.extend(added)
         self._active = tuple(dict.fromkeys(self._active + tuple(p.config["name"] for p in plans)))
+        self._delegate("after_add")  # e.g. quantize releases the weights it replaced
         self._finish(lambda variant: variant.add_records(added))
         return self
 
@@ -272,6 +263,9 @@ class Grafted(nn.Module):
         self._check_names([name])
         from .runtime import deactivate, eliminate_dead_code
 
+        if get_method(self.adapters[name].method).base_rewrite:
+            raise GraftError(f"{name!r} ({self.adapters[name].method}) rewrote the base model itself and cannot be "
+                             "deleted: graft the original model again")
         users = [r.adapter for r in self.records if name in get_method(r.method).depends_on(r.spec)]
         if users:
             raise GraftError(f"adapter {name!r} is used by {', '.join(map(repr, users))}: delete "
@@ -472,11 +466,13 @@ class Grafted(nn.Module):
         traced_with = ", ".join(sorted(self._traced_keys()))
         source = getattr(self, "_merged_from", None)
         if source is not None:  # a merged module: trace its source for this context, merge the same way
-            grafted, names = source
+            grafted, names, options = source
             traced = grafted._resolve(context, inputs)
             if traced is grafted:
                 return None
-            merged = traced.merge(adapters=names)
+            with warnings.catch_warnings():  # the merge this module came from reported already
+                warnings.simplefilter("ignore", UserWarning)
+                merged = traced.merge(adapters=names, **options)
             merged._unpadded = unpadded
             return merged
         if not self.retraceable:
@@ -508,17 +504,20 @@ class Grafted(nn.Module):
             record.extras = extras.get(record.adapter, record.extras)
 
     # -- merge -----------------------------------------------------------------------------------
-    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None,
+              requantize: bool = False) -> "Grafted":
         """Fold the deltas of mergeable adapters into the weights.
 
         The result's graph has the base graph's ops (plus any non-mergeable adapters). With
         ``inplace=False`` (default) merged weights are new tensors and the original model and this
         module are untouched; with ``inplace=True`` the weights are updated in their storage (which
         the original model shares) and this module is returned.
+        Quantised weights are dequantised and merged in full precision, or quantised again with
+        ``requantize=True`` (the error that adds is reported).
         """
         from .merge import merge_grafted
 
-        return merge_grafted(self, inplace=inplace, adapters=adapters)
+        return merge_grafted(self, inplace=inplace, adapters=adapters, requantize=requantize)
 
     def _derived(self, graph: fx.Graph) -> "Grafted":
         """A new Grafted over `graph` sharing this one's parameters (for merged modules)."""
@@ -557,17 +556,7 @@ class Grafted(nn.Module):
         return "\n".join(lines)
 
 
-def _named_spec(record: GraftRecord) -> str:
-    """The spec that rebuilds `record` (save, re-trace), with its adapter name."""
-    replay = get_method(record.method).replay_spec(record)
-    if replay is not None:
-        return replay
-    call = parse_spec(record.spec)[0]
-    if "name" in call.options:
-        return record.spec
-    inner = record.spec[record.spec.index("(") + 1 : record.spec.rindex(")")].strip()
-    sep = ", " if inner else ""
-    return f"{call.method}({inner}{sep}name={record.adapter})"
+_named_spec = named_spec  # the spec that rebuilds a record (graftlib.protocols.named_spec)
 
 
 def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
@@ -629,3 +618,6 @@ def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: Any 
     parse_spec(spec)  # fail on syntax before spending time tracing
     grafted = Grafted(trace(model, example_inputs, dynamic, verify=verify), model)
     return grafted.add(spec)
+
+
+provide(Grafted, apply)  # merge, io, peft, ... reach Grafted only through graftlib.protocols

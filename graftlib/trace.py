@@ -38,6 +38,8 @@ from torch.fx.experimental.sym_node import SymNode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import TraceError
+from .names import sanitize_program, sanitize_targets
+from .safety import exclusive_trace
 
 __all__ = ["Traced", "trace", "example_inputs_for", "fake_call", "dynamic_axes", "DynamicSpec", "in_mode"]
 
@@ -228,6 +230,7 @@ def in_mode(model: nn.Module, training: bool | None) -> Iterator[None]:
             module.train(mode)
 
 
+@exclusive_trace  # one trace at a time per process; torch's global flags restored on every path
 def trace(model: nn.Module, example_inputs: Any = None, dynamic: DynamicSpec = True, *,
           stack_traces: bool = False, training: bool | None = None, verify: bool = True) -> Traced:
     """Trace ``model`` into an aten-level graph module (torch.export, non-strict).
@@ -260,7 +263,9 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: DynamicSpec = T
 
         raise TraceError(explain_trace_failure(type(model).__name__, exc)) from exc
     with _use_lazy_graph_module(True):
+        renamed = sanitize_program(program)  # user module names ('a"b') never reach generated source
         graph_module = program.module()
+    sanitize_targets(graph_module, renamed)  # user module names ('a"b') never reach generated source
     if verify:
         from .verify import verify_trace
 
