@@ -622,6 +622,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, merge: bool = True, 
 
 def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None, dynamic: bool,
             example_inputs: Any, tolerance: float, external_data: bool | None, steps: _Steps) -> ExportReport:
+    g = g._mode_target()  # the graph traced in eval mode (g is in eval mode here)
     base_parameters, adapter_parameters = _parameter_counts(g)
     with steps.step("merge" if merge else "copy"):
         target, merged, frozen = _export_copy(g, merge)
