@@ -16,6 +16,7 @@ from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
+from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
@@ -84,6 +85,7 @@ class Grafted(nn.Module):
         self._variants: dict[frozenset[str], "Grafted"] = {}
         self._no_gain: set[frozenset[str]] = set()  # unpadded variants that would equal the masked graph
         self.retraceable = model is not None
+        self._input_defaults = input_defaults(traced, model)  # omitted inputs the model computes (inputs.py)
         self.train(model.training if model is not None else False)
 
     # -- structure ---------------------------------------------------------------------------
@@ -354,6 +356,7 @@ class Grafted(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if args:
             kwargs = self._bind(args, kwargs)
+        kwargs = conform_inputs(self._traced, self._input_defaults, kwargs)
         if adapter_names is not None:  # one adapter (or "__base__") per batch row
             from .mixed import mixed_forward
 
@@ -467,6 +470,7 @@ class Grafted(nn.Module):
         new._active = self._active
         new._runtimes, new._variants, new._no_gain = {}, {}, set()
         new.retraceable = False
+        new._input_defaults = self._input_defaults
         new.training = self.training
         return new
 
