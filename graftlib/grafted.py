@@ -16,6 +16,7 @@ from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
+from . import hf, retarget
 from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
@@ -73,6 +74,8 @@ class Grafted(nn.Module):
         super().__init__()
         gm = traced.graph_module
         _share_parameters(gm)
+        if retarget.strip_metadata_asserts(gm.graph):  # dtype / device checks only; autocast trips them
+            gm.recompile()
         if not isinstance(getattr(gm, STORE, None), AdapterStore):
             gm.add_submodule(STORE, AdapterStore())
         self.graph_module = gm
@@ -86,6 +89,7 @@ class Grafted(nn.Module):
         self._no_gain: set[frozenset[str]] = set()  # unpadded variants that would equal the masked graph
         self.retraceable = model is not None
         self._input_defaults = input_defaults(traced, model)  # omitted inputs the model computes (inputs.py)
+        hf.install(self)  # Trainer: forward's signature, adapter-only state dict (hf.py)
         self.train(model.training if model is not None else False)
 
     # -- structure ---------------------------------------------------------------------------
@@ -145,25 +149,12 @@ class Grafted(nn.Module):
         if self.records:
             self.runtime_module()
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), share_memory(): buffers are replaced
-        self._check_conversion(fn)
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .float(), share_memory()
+        before = retarget.placement(self)
         result = super()._apply(fn, recurse)
+        retarget.follow(self, before)  # the graph's dtype / device arguments follow the weights
         self._invalidate()
         return result
-
-    def _check_conversion(self, fn: Any) -> None:
-        """The traced graph is specialised to one dtype and device (casts, asserts and factory calls name
-        them), so ``.half()`` / ``.to("cuda")`` after grafting is refused before anything is converted."""
-        probe = next((t for t in self.graph_module.parameters() if t.is_floating_point()), None)
-        if probe is None or probe.is_meta:
-            return
-        converted = fn(torch.zeros((), dtype=probe.dtype, device=probe.device))
-        if (converted.dtype, converted.device) != (probe.dtype, probe.device):
-            raise GraftError(
-                f"this grafted module was traced in {probe.dtype} on {probe.device}, and its graph is specialised "
-                f"to them; it cannot move to {converted.dtype} on {converted.device}. Convert the model first and "
-                "graft that: graftlib.apply(model.to(dtype_or_device), spec); to keep trained adapters, "
-                "g.save(dir) then graftlib.load(converted_model, dir)")
 
     def train(self, mode: bool = True) -> "Grafted":
         self.training = mode
@@ -421,6 +412,7 @@ class Grafted(nn.Module):
                 "a module merged in place cannot re-trace: call it with the traced inputs, or graft "
                 "with example_inputs that include the others before merging")
         examples = examples_at_traced_sizes(inputs, self._traced.example_inputs)
+        examples = retarget.to_placement(examples, retarget.placement(self._model))  # the model's own
         with assume_unpadded() if unpadded else contextlib.nullcontext():
             traced = trace(self._model, examples, dynamic=self._traced.dynamic)
         if unpadded and masked_attention_count(traced.graph) >= masked_attention_count(self._base_graph):
@@ -429,6 +421,7 @@ class Grafted(nn.Module):
         variant._unpadded = unpadded
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)
+        retarget.follow_model(variant, self._model)  # when this module moved after grafting
         return variant
 
     def add_records(self, records: Iterable[GraftRecord]) -> None:
@@ -471,6 +464,7 @@ class Grafted(nn.Module):
         new._runtimes, new._variants, new._no_gain = {}, {}, set()
         new.retraceable = False
         new._input_defaults = self._input_defaults
+        hf.install(new)
         new.training = self.training
         return new
 
@@ -479,6 +473,17 @@ class Grafted(nn.Module):
         from .io import save
 
         save(self, directory)
+
+    def save_pretrained(self, directory: str, **_: Any) -> None:
+        """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""
+        self.save(directory)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The graft's config in the state dict, so a Trainer checkpoint loads with graftlib.load (hf.py)."""
+        return hf.config_bytes(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        hf.check_config(self, state)
 
     def op_histogram(self) -> dict[str, int]:
         return op_histogram(self.runtime_module().graph)

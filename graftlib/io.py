@@ -27,7 +27,7 @@ from .registry import get_method
 if TYPE_CHECKING:
     from .grafted import Grafted
 
-__all__ = ["save", "load", "atomic_write", "restoring", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save", "load", "config_dict", "atomic_write", "restoring", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "graft.json"
 WEIGHTS_NAME = "adapters.safetensors"
@@ -76,16 +76,12 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
+def config_dict(grafted: "Grafted") -> dict[str, Any]:
+    """graft.json's content for `grafted`."""
     from .grafted import _named_spec
 
-    tensors: dict[str, torch.Tensor] = {}
-    for record in grafted.records:
-        for site, params in grafted.store.tensors(record.adapter).items():
-            for pname, tensor in params.items():
-                tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
     config = grafted._traced.config
-    meta = {
+    return {
         "format": "graftlib",
         "version": FORMAT_VERSION,
         "base_model": {"class": grafted._traced.model_class,
@@ -96,6 +92,15 @@ def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
                       "config": _jsonable(r.config), "sites": r.sites, "extras": _jsonable(r.extras)}
                      for r in grafted.records],
     }
+
+
+def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for record in grafted.records:
+        for site, params in grafted.store.tensors(record.adapter).items():
+            for pname, tensor in params.items():
+                tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
+    meta = config_dict(grafted)
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME,
@@ -131,8 +136,12 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     """Rebuild the grafted module saved in `directory` on top of `model` (which is not modified)."""
     from .grafted import Grafted, apply
 
-    meta = read_config(directory)
-    tensors = read_tensors(directory)
+    from .hf import is_trainer_checkpoint, read_trainer_checkpoint
+
+    if is_trainer_checkpoint(directory):  # a Trainer checkpoint-N/ of a grafted module (see hf.py)
+        meta, tensors = read_trainer_checkpoint(directory)
+    else:
+        meta, tensors = read_config(directory), read_tensors(directory)
     records = meta["adapters"]
     spec = " + ".join(r["spec"] for r in records)
     if not spec:

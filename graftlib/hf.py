@@ -1,0 +1,176 @@
+"""Hugging Face ``Trainer`` compatibility: column dropping, loss kwargs, adapter-only checkpoints.
+
+``Trainer`` reads three things off a model that is neither a ``PreTrainedModel`` nor a ``PeftModel``:
+
+- ``inspect.signature(model.forward)`` names the dataset columns it keeps. Each grafted module gets its
+  own ``forward`` (the class's function, bound per instance) whose ``__signature__`` is the base model's
+  forward signature plus ``adapter_names``, so ``input_ids``, ``attention_mask``, ``labels`` ... survive.
+- ``accepts_loss_kwargs``: False, so no ``num_items_in_batch`` reaches the graph (the loss is the
+  model's own mean, as with gradient accumulation 1).
+- ``model.state_dict()`` is what a checkpoint holds (``model.safetensors``) and ``load_state_dict(sd,
+  False)`` what ``resume_from_checkpoint`` calls. A grafted module's state dict holds only its own
+  state: the adapter store's tensors, any base parameter set to train, and ``_extra_state``, the graft's
+  config (graft.json's content, as a uint8 tensor). Base weights belong to the model and are left out
+  (a load reports them as neither missing nor unexpected). ``graftlib.load(model, checkpoint_dir)``
+  reads such a checkpoint like a ``g.save`` directory; ``g.save_pretrained(dir)`` is ``g.save(dir)``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .editor import STORE
+from .errors import LoadError
+
+if TYPE_CHECKING:
+    from .grafted import Grafted
+
+__all__ = ["install", "forward_signature", "config_bytes", "is_trainer_checkpoint", "read_trainer_checkpoint",
+           "TRAINER_WEIGHTS_NAME"]
+
+TRAINER_WEIGHTS_NAME = "model.safetensors"   # what Trainer._save writes for a plain nn.Module
+EXTRA_STATE = "_extra_state"
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def forward_signature(grafted: "Grafted") -> inspect.Signature | None:
+    """The base model's forward signature with ``adapter_names`` (keyword-only) added."""
+    base = grafted._traced.signature
+    if base is None:
+        return None
+    params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    return base.replace(parameters=params[:at] + [extra] + params[at:])
+
+
+def _bind_forward(grafted: "Grafted") -> None:
+    signature = forward_signature(grafted)
+    if signature is None:
+        return
+    function = type(grafted).forward
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__ = function.__qualname__
+    copy.__doc__ = function.__doc__
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    copy.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    object.__setattr__(grafted, "forward", types.MethodType(copy, grafted))
+
+
+def install(grafted: "Grafted") -> None:
+    """Give `grafted` its per-instance forward signature and the adapter-only state-dict hooks."""
+    _bind_forward(grafted)
+    object.__setattr__(grafted, "accepts_loss_kwargs", False)
+    object.__setattr__(grafted, "_keys_to_ignore_on_save", None)
+    grafted.register_state_dict_post_hook(_keep_own_state)
+    grafted.register_load_state_dict_post_hook(_forgive_base_keys)
+
+
+def _own_names(grafted: "Grafted") -> tuple[str, set[str]]:
+    """(store prefix, trainable base parameter names) relative to `grafted`."""
+    store = f"graph_module.{STORE}."
+    trainable = {n for n, p in grafted.named_parameters() if p.requires_grad and not n.startswith(store)}
+    return store, trainable
+
+
+def _keep_own_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    store, trainable = _own_names(module)  # type: ignore[arg-type]
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix):]
+        if not (name.startswith(store) or name in trainable or name == EXTRA_STATE):
+            del state_dict[key]
+
+
+def _forgive_base_keys(module: nn.Module, incompatible: Any) -> None:
+    """Base weights are not in a grafted module's state dict: do not report them as missing."""
+    base = {n for n, _ in module.named_parameters(remove_duplicate=False)} \
+        | {n for n, _ in module.named_buffers(remove_duplicate=False)}
+    store, trainable = _own_names(module)  # type: ignore[arg-type]
+    base = {n for n in base if not n.startswith(store) and n not in trainable}
+    keep = [k for k in incompatible.missing_keys if not _has_suffix_in(k, base)]
+    incompatible.missing_keys[:] = keep
+
+
+def _has_suffix_in(key: str, names: set[str]) -> bool:
+    if key in names:
+        return True
+    return any(key[i + 1:] in names for i, ch in enumerate(key) if ch == ".")
+
+
+def config_bytes(grafted: "Grafted") -> torch.Tensor:
+    """graft.json's content (plus the state-dict key of every saved tensor) as a uint8 tensor."""
+    from .io import config_dict
+
+    meta = config_dict(grafted)
+    keys = {}
+    for adapter in grafted.adapters:
+        for escaped, site in grafted.store[adapter].items():
+            for pname, _ in list(site.named_parameters()) + list(site.named_buffers()):
+                keys[f"graph_module.{STORE}.{adapter}.{escaped}.{pname}"] = f"{adapter}/{site.site_key}/{pname}"
+    meta["state_dict_keys"] = keys
+    data = json.dumps(meta).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def check_config(grafted: "Grafted", state: Any) -> None:
+    """``set_extra_state``: the checkpoint must hold this module's adapters."""
+    meta = _decode(state, "the state dict's _extra_state")
+    saved = [a.get("name") for a in meta.get("adapters", []) if isinstance(a, Mapping)]
+    if sorted(map(str, saved)) != sorted(grafted.adapters):
+        raise LoadError(f"the state dict holds adapters {saved}, this module has {sorted(grafted.adapters)}: "
+                        "load it onto a module grafted with the same spec (graftlib.load(model, checkpoint_dir))")
+
+
+def _decode(state: Any, source: str) -> dict[str, Any]:
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1 \
+            or state.numel() > _MAX_CONFIG_BYTES:
+        raise LoadError(f"{source} is not a graftlib config (a 1-D uint8 tensor of JSON)")
+    try:
+        meta = json.loads(bytes(state.tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "graftlib":
+        raise LoadError(f"{source} is not a graftlib config")
+    return meta
+
+
+def is_trainer_checkpoint(directory: str | Path) -> bool:
+    from .io import CONFIG_NAME
+
+    directory = Path(directory)
+    return not (directory / CONFIG_NAME).is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file()
+
+
+def read_trainer_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(graft config, tensors keyed as in adapters.safetensors) from a Trainer checkpoint directory."""
+    path = Path(directory) / TRAINER_WEIGHTS_NAME
+    try:
+        raw = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
+    configs = [k for k in raw if k == EXTRA_STATE or k.endswith("." + EXTRA_STATE)]
+    if len(configs) != 1:
+        raise LoadError(f"{path} holds no graftlib config (no {EXTRA_STATE} tensor): it was not saved from a "
+                        "grafted module's state dict")
+    prefix = configs[0][: -len(EXTRA_STATE)]
+    meta = _decode(raw[configs[0]], f"{path}:{configs[0]}")
+    keys = meta.pop("state_dict_keys", {})
+    if not isinstance(keys, dict):
+        raise LoadError(f"{path}: the config's state_dict_keys is not a mapping")
+    tensors = {}
+    for key, saved_as in keys.items():
+        if prefix + str(key) not in raw:
+            raise LoadError(f"{path}: tensor {prefix + str(key)!r} is missing; the checkpoint does not match its config")
+        tensors[str(saved_as)] = raw[prefix + str(key)]
+    return meta, tensors
