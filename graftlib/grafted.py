@@ -16,7 +16,7 @@ from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
-from . import hf, retarget
+from . import checkpoint, hf, retarget
 from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
@@ -138,7 +138,7 @@ class Grafted(nn.Module):
                           "call g.train() / g.eval() / g.set_active(...) before compiling")
             graph = specialise(self.graph, self._active, self.training)
             named = build_module(self.graph_module, graph, self.training)
-            pair = self._runtimes[key] = (named, flat_module(named))
+            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat_module(named), self.training))
         return pair
 
     def _invalidate(self) -> None:
@@ -419,6 +419,7 @@ class Grafted(nn.Module):
             return None
         variant = Grafted(traced, self._model)
         variant._unpadded = unpadded
+        checkpoint.inherit(variant, self)
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)
         retarget.follow_model(variant, self._model)  # when this module moved after grafting
@@ -473,6 +474,17 @@ class Grafted(nn.Module):
         from .io import save
 
         save(self, directory)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each block's forward in backward (per-block torch.utils.checkpoint; checkpoint.py)."""
+        checkpoint.enable(self, gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        checkpoint.disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.__dict__.get("_checkpointing") is not None
 
     def save_pretrained(self, directory: str, **_: Any) -> None:
         """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""

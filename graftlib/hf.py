@@ -13,6 +13,8 @@
   config (graft.json's content, as a uint8 tensor). Base weights belong to the model and are left out
   (a load reports them as neither missing nor unexpected). ``graftlib.load(model, checkpoint_dir)``
   reads such a checkpoint like a ``g.save`` directory; ``g.save_pretrained(dir)`` is ``g.save(dir)``.
+- ``gradient_checkpointing_enable()`` (``TrainingArguments(gradient_checkpointing=True)``): per-block
+  checkpointing (checkpoint.py); a model that had it enabled before grafting keeps it.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def install(grafted: "Grafted") -> None:
     _bind_forward(grafted)
     object.__setattr__(grafted, "accepts_loss_kwargs", False)
     object.__setattr__(grafted, "_keys_to_ignore_on_save", None)
+    if getattr(grafted._model, "is_gradient_checkpointing", False):  # enabled on the model before grafting
+        grafted.__dict__["_checkpointing"] = {}
     grafted.register_state_dict_post_hook(_keep_own_state)
     grafted.register_load_state_dict_post_hook(_forgive_base_keys)
 
