@@ -78,6 +78,7 @@ class ExportReport:
     base_parameters: int
     adapter_parameters: int             # of the exported (active) adapters, before merging
     exported_parameters: int            # elements of the ONNX initialisers
+    buffers: dict[str, int] = field(default_factory=dict)  # initialisers that are buffers -> elements
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # shape label -> max |ORT - torch|
     tolerance: float = DEFAULT_TOLERANCE
     timings: dict[str, float] = field(default_factory=dict)       # step -> seconds
@@ -85,6 +86,18 @@ class ExportReport:
     @property
     def verified(self) -> bool:
         return bool(self.max_abs_diff)
+
+    def _exported_note(self) -> str:
+        """What the exported count holds besides parameters: buffers (position ids, batch-norm statistics);
+        merged adapters are inside the base weights."""
+        notes = []
+        if self.merged:
+            notes.append("merged adapters are inside the base weights")
+        if self.buffers:
+            names = ", ".join(name.rsplit(".", 1)[-1] for name in list(self.buffers)[:3])
+            more = ", ..." if len(self.buffers) > 3 else ""
+            notes.append(f"includes {sum(self.buffers.values()):,} buffer elements ({names}{more})")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     def __str__(self) -> str:
         added = ", ".join(f"{op} {n:+d}" for op, n in self.ops_added.items()) or "none (same ops as the base)"
@@ -97,7 +110,7 @@ class ExportReport:
             + (f"; frozen: {', '.join(self.frozen)}" if self.frozen else ""),
             f"  ops added vs base: {added}  ({sum(self.ops.values())} nodes)",
             f"  parameters:  base {self.base_parameters:,}, adapters {self.adapter_parameters:,}, "
-            f"exported {self.exported_parameters:,}",
+            f"exported {self.exported_parameters:,}{self._exported_note()}",
         ]
         if self.max_abs_diff:
             diffs = "; ".join(f"{label}: {diff:.2e}" for label, diff in self.max_abs_diff.items())
@@ -349,6 +362,13 @@ def _initialiser_elements(model: Any) -> int:
     return total
 
 
+def _initialiser_buffers(model: Any, module: nn.Module) -> dict[str, int]:
+    """ONNX initialisers that are the module's buffers (not parameters): name -> elements."""
+    buffers = dict(module.named_buffers())
+    return {name: math.prod(int(d) for d in value.shape) for name, value in model.graph.initializers.items()
+            if name in buffers and value.shape is not None}
+
+
 def _weight_bytes(module: nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -563,6 +583,6 @@ def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None
         outputs=[v.name for v in model.graph.outputs],
         ops=ops, ops_added=_ops_added(ops, base_ops),
         base_parameters=base_parameters, adapter_parameters=adapter_parameters,
-        exported_parameters=_initialiser_elements(model),
+        exported_parameters=_initialiser_elements(model), buffers=_initialiser_buffers(model, runtime),
         max_abs_diff=diffs, tolerance=tolerance, timings=steps.timings,
     )

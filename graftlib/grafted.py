@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
 from .errors import GraftError, GraftSpecError, near_names, require_eager
+from .protocols import GraftRecord, named_spec, provide
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
@@ -22,18 +24,6 @@ from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
 __all__ = ["Grafted", "GraftRecord", "apply"]
-
-
-@dataclass
-class GraftRecord:
-    """One applied graft: enough to replay it on a fresh trace and to save it."""
-
-    method: str
-    adapter: str
-    spec: str                       # the call's text, e.g. "lora(q,v,r=8)"
-    config: dict[str, Any]
-    sites: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,6 +175,7 @@ class Grafted(nn.Module):
             self.records.append(GraftRecord(plan.method.name, plan.config["name"], plan.call.text,
                                             plan.config, [s.key for s in plan.selection.sites]))
         self._active = tuple(dict.fromkeys(self._active + tuple(p.config["name"] for p in plans)))
+        self._delegate("after_add")  # e.g. quantize releases the weights it replaced
         self._finish()
         return self
 
@@ -226,6 +217,9 @@ class Grafted(nn.Module):
         self._check_names([name])
         from .runtime import deactivate, eliminate_dead_code
 
+        if get_method(self.adapters[name].method).base_rewrite:
+            raise GraftError(f"{name!r} ({self.adapters[name].method}) rewrote the base model itself and cannot be "
+                             "deleted: graft the original model again")
         users = [r.adapter for r in self.records if name in get_method(r.method).depends_on(r.spec)]
         if users:
             raise GraftError(f"adapter {name!r} is used by {', '.join(map(repr, users))}: delete "
@@ -397,11 +391,13 @@ class Grafted(nn.Module):
         traced_with = ", ".join(sorted(self._traced_keys()))
         source = getattr(self, "_merged_from", None)
         if source is not None:  # a merged module: trace its source for these inputs, merge the same way
-            grafted, names = source
+            grafted, names, options = source
             traced = grafted._variant(inputs, unpadded)
             if unpadded and traced is grafted:
                 return None
-            merged = traced.merge(adapters=names)
+            with warnings.catch_warnings():  # the merge this module came from reported already
+                warnings.simplefilter("ignore", UserWarning)
+                merged = traced.merge(adapters=names, **options)
             merged._unpadded = unpadded
             return merged
         if not self.retraceable:
@@ -435,17 +431,20 @@ class Grafted(nn.Module):
             record.extras = extras.get(record.adapter, record.extras)
 
     # -- merge -----------------------------------------------------------------------------------
-    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None,
+              requantize: bool = False) -> "Grafted":
         """Fold the deltas of mergeable adapters into the weights.
 
         The result's graph has the base graph's ops (plus any non-mergeable adapters). With
         ``inplace=False`` (default) merged weights are new tensors and the original model and this
         module are untouched; with ``inplace=True`` the weights are updated in their storage (which
         the original model shares) and this module is returned.
+        Quantised weights are dequantised and merged in full precision, or quantised again with
+        ``requantize=True`` (the error that adds is reported).
         """
         from .merge import merge_grafted
 
-        return merge_grafted(self, inplace=inplace, adapters=adapters)
+        return merge_grafted(self, inplace=inplace, adapters=adapters, requantize=requantize)
 
     def _derived(self, graph: fx.Graph) -> "Grafted":
         """A new Grafted over `graph` sharing this one's parameters (for merged modules)."""
@@ -508,17 +507,7 @@ class Grafted(nn.Module):
         return "\n".join(lines)
 
 
-def _named_spec(record: GraftRecord) -> str:
-    """The spec that rebuilds `record` (save, re-trace), with its adapter name."""
-    replay = get_method(record.method).replay_spec(record)
-    if replay is not None:
-        return replay
-    call = parse_spec(record.spec)[0]
-    if "name" in call.options:
-        return record.spec
-    inner = record.spec[record.spec.index("(") + 1 : record.spec.rindex(")")].strip()
-    sep = ", " if inner else ""
-    return f"{call.method}({inner}{sep}name={record.adapter})"
+_named_spec = named_spec  # the spec that rebuilds a record (graftlib.protocols.named_spec)
 
 
 def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
@@ -572,3 +561,6 @@ def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: bool
     parse_spec(spec)  # fail on syntax before spending time tracing
     grafted = Grafted(trace(model, example_inputs, dynamic), model)
     return grafted.add(spec)
+
+
+provide(Grafted, apply)  # merge, io, peft, ... reach Grafted only through graftlib.protocols

@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import LoadError
+from .protocols import graft, is_grafted, named_spec
 from .registry import get_method
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["save", "load", "config_dict", "atomic_write", "restoring", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -76,10 +77,8 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def config_dict(grafted: "Grafted") -> dict[str, Any]:
+def config_dict(grafted: "GraftedModule") -> dict[str, Any]:
     """graft.json's content for `grafted`."""
-    from .grafted import _named_spec
-
     config = grafted._traced.config
     return {
         "format": "graftlib",
@@ -88,15 +87,17 @@ def config_dict(grafted: "Grafted") -> dict[str, Any]:
                        "name_or_path": getattr(config, "_name_or_path", None) or None},
         "inputs": list(grafted.input_names),
         "active": list(grafted.active_adapters),
-        "adapters": [{"name": r.adapter, "method": r.method, "spec": _named_spec(r),
+        "adapters": [{"name": r.adapter, "method": r.method, "spec": named_spec(r),
                       "config": _jsonable(r.config), "sites": r.sites, "extras": _jsonable(r.extras)}
                      for r in grafted.records],
     }
 
 
-def save(grafted: "Grafted", directory: str | os.PathLike) -> None:
+def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for record in grafted.records:
+        if not get_method(record.method).saves_tensors:
+            continue  # rebuilt from the base model on load (quantised weights)
         for site, params in grafted.store.tensors(record.adapter).items():
             for pname, tensor in params.items():
                 tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
@@ -132,10 +133,8 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None,
-         dynamic: bool = True) -> "Grafted":
+         dynamic: bool = True) -> "GraftedModule":
     """Rebuild the grafted module saved in `directory` on top of `model` (which is not modified)."""
-    from .grafted import Grafted, apply
-
     from .hf import is_trainer_checkpoint, read_trainer_checkpoint
 
     if is_trainer_checkpoint(directory):  # a Trainer checkpoint-N/ of a grafted module (see hf.py)
@@ -147,9 +146,10 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     if not spec:
         raise LoadError(f"{directory} holds no adapters")
     with _restoring_saved_tensors():
-        grafted = apply(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
-            if not isinstance(model, Grafted) else model.add(spec)
-    install_tensors(grafted, tensors, [r["name"] for r in records], source=str(directory))
+        grafted = graft(model, spec, example_inputs=example_inputs, dynamic=dynamic) \
+            if not is_grafted(model) else model.add(spec)
+    saved_names = [r["name"] for r in records if get_method(r["method"]).saves_tensors]
+    install_tensors(grafted, tensors, saved_names, source=str(directory))
     for record in grafted.records:
         saved = next((r for r in records if r["name"] == record.adapter), None)
         if saved is not None:
@@ -159,7 +159,7 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
     return grafted
 
 
-def install_tensors(grafted: "Grafted", tensors: dict[str, torch.Tensor], adapters: list[str],
+def install_tensors(grafted: "GraftedModule", tensors: dict[str, torch.Tensor], adapters: list[str],
                     source: str) -> None:
     """Validate every expected tensor (present, right shape) and only then copy them in."""
     plan: list[tuple[nn.Module, str, torch.Tensor]] = []

@@ -62,6 +62,12 @@ class Method:
     options: ClassVar[dict[str, Option]] = {}
     mergeable: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = True
+    #: True for rewrites of the base model itself (quantisation): no joins, kept when adapters are
+    #: disabled, not deletable; their nodes that stand for a weight are tagged ``role="weight"``.
+    base_rewrite: ClassVar[bool] = False
+    #: False when the adapter's tensors are derived from the base weights (quantised weights): a save
+    #: leaves them out and a load rebuilds them from the model.
+    saves_tensors: ClassVar[bool] = True
 
     # -- configure -----------------------------------------------------------------------------
     def configure(self, call: GraftCall, index: "SiteIndex | None" = None) -> dict[str, Any]:
@@ -141,7 +147,8 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix")
+_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize",
+                 "loha", "lokr", "oft")
 
 
 def register(cls: type[Method]) -> type[Method]:
