@@ -27,7 +27,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["block_of", "blocks", "checkpointed_module", "Checkpointed", "enable", "disable", "maybe_wrap"]
 
@@ -127,16 +127,16 @@ def checkpointed_module(flat: fx.GraphModule, options: dict[str, Any] | None = N
 _OPTIONS = {"preserve_rng_state", "determinism_check", "debug"}
 
 
-def enable(grafted: "Grafted", gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+def enable(grafted: "GraftedModule", gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
     options = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items() if k in _OPTIONS}
     _set(grafted, options)
 
 
-def disable(grafted: "Grafted") -> None:
+def disable(grafted: "GraftedModule") -> None:
     _set(grafted, None)
 
 
-def _set(grafted: "Grafted", options: dict[str, Any] | None) -> None:
+def _set(grafted: "GraftedModule", options: dict[str, Any] | None) -> None:
     for module in _family(grafted):
         module.__dict__["_checkpointing"] = options
         module._runtimes.clear()
@@ -144,7 +144,7 @@ def _set(grafted: "Grafted", options: dict[str, Any] | None) -> None:
         grafted.runtime_module()
 
 
-def _family(grafted: "Grafted") -> list["Grafted"]:
+def _family(grafted: "GraftedModule") -> list["GraftedModule"]:
     out, todo = [], [grafted]
     while todo:
         module = todo.pop()
@@ -153,7 +153,7 @@ def _family(grafted: "Grafted") -> list["Grafted"]:
     return out
 
 
-def maybe_wrap(grafted: "Grafted", flat: fx.GraphModule, training: bool) -> nn.Module:
+def maybe_wrap(grafted: "GraftedModule", flat: fx.GraphModule, training: bool) -> nn.Module:
     """The module forward calls: checkpointed per block in training mode when enabled."""
     options = grafted.__dict__.get("_checkpointing")
     if options is None or not training:
@@ -161,5 +161,5 @@ def maybe_wrap(grafted: "Grafted", flat: fx.GraphModule, training: bool) -> nn.M
     return checkpointed_module(flat, options)
 
 
-def inherit(variant: "Grafted", parent: "Grafted") -> None:
+def inherit(variant: "GraftedModule", parent: "GraftedModule") -> None:
     variant.__dict__["_checkpointing"] = parent.__dict__.get("_checkpointing")

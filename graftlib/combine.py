@@ -32,6 +32,7 @@ import torch
 
 from .errors import GraftError
 from .io import install_tensors
+from .names import check_adapter_name
 from .registry import get_method
 from .select import SiteIndex
 from .sites import Site
@@ -79,6 +80,7 @@ def combine(g: "GraftedModule", weights: Mapping[str, float], how: str = "cat", 
 
 
 def _validate(g: "GraftedModule", weights: Mapping[str, float], how: str, rank: int | None, name: str) -> None:
+    check_adapter_name(name)  # it is written into a spec: one rule for every adapter name
     if how not in MODES:
         raise GraftError(f"combine: how={how!r} is not one of {', '.join(MODES)}")
     if not weights:

@@ -22,29 +22,22 @@ import inspect
 import json
 import types
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .editor import STORE
 from .errors import LoadError
+from .io import EXTRA_STATE, TRAINER_WEIGHTS_NAME, config_dict, decode_config
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
-__all__ = ["install", "forward_signature", "config_bytes", "is_trainer_checkpoint", "read_trainer_checkpoint",
-           "TRAINER_WEIGHTS_NAME"]
-
-TRAINER_WEIGHTS_NAME = "model.safetensors"   # what Trainer._save writes for a plain nn.Module
-EXTRA_STATE = "_extra_state"
-_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+__all__ = ["install", "forward_signature", "config_bytes", "check_config", "TRAINER_WEIGHTS_NAME"]
 
 
-def forward_signature(grafted: "Grafted") -> inspect.Signature | None:
+def forward_signature(grafted: "GraftedModule") -> inspect.Signature | None:
     """The base model's forward signature with ``adapter_names`` (keyword-only) added."""
     base = grafted._traced.signature
     if base is None:
@@ -55,7 +48,7 @@ def forward_signature(grafted: "Grafted") -> inspect.Signature | None:
     return base.replace(parameters=params[:at] + [extra] + params[at:])
 
 
-def _bind_forward(grafted: "Grafted") -> None:
+def _bind_forward(grafted: "GraftedModule") -> None:
     signature = forward_signature(grafted)
     if signature is None:
         return
@@ -70,7 +63,7 @@ def _bind_forward(grafted: "Grafted") -> None:
     object.__setattr__(grafted, "forward", types.MethodType(copy, grafted))
 
 
-def install(grafted: "Grafted") -> None:
+def install(grafted: "GraftedModule") -> None:
     """Give `grafted` its per-instance forward signature and the adapter-only state-dict hooks."""
     _bind_forward(grafted)
     object.__setattr__(grafted, "accepts_loss_kwargs", False)
@@ -81,7 +74,7 @@ def install(grafted: "Grafted") -> None:
     grafted.register_load_state_dict_post_hook(_forgive_base_keys)
 
 
-def _own_names(grafted: "Grafted") -> tuple[str, set[str]]:
+def _own_names(grafted: "GraftedModule") -> tuple[str, set[str]]:
     """(store prefix, trainable base parameter names) relative to `grafted`."""
     store = f"graph_module.{STORE}."
     trainable = {n for n, p in grafted.named_parameters() if p.requires_grad and not n.startswith(store)}
@@ -112,10 +105,8 @@ def _has_suffix_in(key: str, names: set[str]) -> bool:
     return any(key[i + 1:] in names for i, ch in enumerate(key) if ch == ".")
 
 
-def config_bytes(grafted: "Grafted") -> torch.Tensor:
+def config_bytes(grafted: "GraftedModule") -> torch.Tensor:
     """graft.json's content (plus the state-dict key of every saved tensor) as a uint8 tensor."""
-    from .io import config_dict
-
     meta = config_dict(grafted)
     keys = {}
     for adapter in grafted.adapters:
@@ -127,54 +118,10 @@ def config_bytes(grafted: "Grafted") -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
-def check_config(grafted: "Grafted", state: Any) -> None:
+def check_config(grafted: "GraftedModule", state: Any) -> None:
     """``set_extra_state``: the checkpoint must hold this module's adapters."""
-    meta = _decode(state, "the state dict's _extra_state")
+    meta = decode_config(state, "the state dict's _extra_state")
     saved = [a.get("name") for a in meta.get("adapters", []) if isinstance(a, Mapping)]
     if sorted(map(str, saved)) != sorted(grafted.adapters):
         raise LoadError(f"the state dict holds adapters {saved}, this module has {sorted(grafted.adapters)}: "
                         "load it onto a module grafted with the same spec (graftlib.load(model, checkpoint_dir))")
-
-
-def _decode(state: Any, source: str) -> dict[str, Any]:
-    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1 \
-            or state.numel() > _MAX_CONFIG_BYTES:
-        raise LoadError(f"{source} is not a graftlib config (a 1-D uint8 tensor of JSON)")
-    try:
-        meta = json.loads(bytes(state.tolist()).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{source} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "graftlib":
-        raise LoadError(f"{source} is not a graftlib config")
-    return meta
-
-
-def is_trainer_checkpoint(directory: str | Path) -> bool:
-    from .io import CONFIG_NAME
-
-    directory = Path(directory)
-    return not (directory / CONFIG_NAME).is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file()
-
-
-def read_trainer_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(graft config, tensors keyed as in adapters.safetensors) from a Trainer checkpoint directory."""
-    path = Path(directory) / TRAINER_WEIGHTS_NAME
-    try:
-        raw = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoadError(f"{path} is not a readable safetensors file ({exc})") from None
-    configs = [k for k in raw if k == EXTRA_STATE or k.endswith("." + EXTRA_STATE)]
-    if len(configs) != 1:
-        raise LoadError(f"{path} holds no graftlib config (no {EXTRA_STATE} tensor): it was not saved from a "
-                        "grafted module's state dict")
-    prefix = configs[0][: -len(EXTRA_STATE)]
-    meta = _decode(raw[configs[0]], f"{path}:{configs[0]}")
-    keys = meta.pop("state_dict_keys", {})
-    if not isinstance(keys, dict):
-        raise LoadError(f"{path}: the config's state_dict_keys is not a mapping")
-    tensors = {}
-    for key, saved_as in keys.items():
-        if prefix + str(key) not in raw:
-            raise LoadError(f"{path}: tensor {prefix + str(key)!r} is missing; the checkpoint does not match its config")
-        tensors[str(saved_as)] = raw[prefix + str(key)]
-    return meta, tensors

@@ -37,7 +37,6 @@ from .registry import get_method
 from .runtime import specialise
 from .select import SiteIndex
 from .sites import Site
-from .unpadded import is_unpadded_call
 
 if TYPE_CHECKING:
     from .protocols import GraftedModule
@@ -58,13 +57,10 @@ def mixed_forward(g: "GraftedModule", kwargs: dict[str, Any], adapter_names: Seq
         if inputs.get(key, value) == value:
             inputs[key] = value
     names = _check_names(g, inputs, adapter_names)
-    unpadded = not g._unpadded and is_unpadded_call(g._traced.config, inputs)
-    target = g
-    if unpadded or inputs.keys() != set(g._traced.input_names) | g._traced.constants.keys():
-        target = g._variant(inputs, unpadded)
+    target = g._variant(inputs)  # this mode's graph for these inputs (g itself or a variant)
     chosen = tuple(sorted(set(names) - {BASE}))
-    if target is not g and target._unpadded:
-        mixed_module(g, chosen, refresh=False)  # build the masked graph too: torch.compile looks it up
+    if target._unpadded:  # build the masked graph too: torch.compile looks it up
+        mixed_module(g._variant(inputs, unpadded=False), chosen, refresh=False)
     module = mixed_module(target, chosen)
     slot = {name: i + 1 for i, name in enumerate(chosen)}
     device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device

@@ -46,7 +46,10 @@ from torch import fx, nn
 
 from .editor import graft_tag
 from .errors import GraftError, LoadError
-from .io import atomic_write, install_tensors
+from .io import install_tensors, write_directory
+from .names import check_adapter_name
+from .peft_checks import check_peft_config
+from .safety import read_json, regex_call
 from .protocols import is_grafted, new_grafted
 from .sites import weight_value
 from .spec import parse_spec
@@ -74,7 +77,6 @@ PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuni
 
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
-_NAME = re.compile(r"[A-Za-z_][\w\-]*")
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -89,10 +91,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         hint = (f"; it holds adapters in sub-folders ({', '.join(nested)}): pass {directory / nested[0]}"
                 if nested else "; is this a PEFT adapter folder?")
         raise LoadError(f"{directory} has no {CONFIG_NAME}{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"cannot read {config_path}: {exc}") from None
+    config = read_json(config_path, "PEFT adapter config")
     if not isinstance(config, dict) or "peft_type" not in config:
         raise LoadError(f"{config_path} is not a PEFT adapter config (no peft_type)")
     weights = directory / WEIGHTS_NAME
@@ -105,8 +104,12 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise LoadError(f"{weights} is missing: the PEFT adapter has no weights file")
     try:
         state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"{weights} is not a readable safetensors file ({exc}); re-save the adapter") from None
+    except Exception as exc:  # SafetensorError, OSError, ValueError, RuntimeError: a corrupt file
+        raise LoadError(f"{weights} is not a readable safetensors file ({str(exc)[:200]}); re-save the "
+                        "adapter") from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoadError(f"{weights}: tensor {key[:120]!r} holds NaN or infinite values; refusing to load it")
     return config, state
 
 
@@ -118,7 +121,8 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _excluded_by_modules_to_save(config: Mapping[str, Any], key: str) -> bool:
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in _as_list(config.get("modules_to_save")))
+    return any(regex_call("match", rf"(^|.*\.){m}($|\..*)", key, "modules_to_save entry")
+               for m in _as_list(config.get("modules_to_save")))
 
 
 def peft_target_match(config: Mapping[str, Any], key: str) -> bool:
@@ -126,7 +130,7 @@ def peft_target_match(config: Mapping[str, Any], key: str) -> bool:
     exclude = config.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if regex_call("fullmatch", exclude, key, "exclude_modules regex"):
                 return False
         elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
             return False
@@ -134,7 +138,7 @@ def peft_target_match(config: Mapping[str, Any], key: str) -> bool:
         return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return regex_call("fullmatch", targets, key, "target_modules regex") is not None
     targets = _as_list(targets)
     if key in targets:
         return True
@@ -149,7 +153,7 @@ def peft_target_match(config: Mapping[str, Any], key: str) -> bool:
     else:
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = regex_call("match", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, "layers_pattern")
             if match is not None:
                 break
     if match is None:
@@ -161,7 +165,7 @@ def peft_target_match(config: Mapping[str, Any], key: str) -> bool:
 def _pattern_value(patterns: Mapping[str, Any] | None, key: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern matching the end of `key` wins."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if regex_call("match", rf"(.*\.)?({pattern})$", key, "rank_pattern/alpha_pattern key"):
             return value
     return default
 
@@ -369,9 +373,10 @@ def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str =
     activated alongside the already active adapters. Nothing changes when the load fails.
     """
     source = str(peft_dir)
-    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name):
-        raise LoadError(f"adapter_name={adapter_name!r}: use letters, digits, '_' or '-' (e.g. 'default')")
+    check_adapter_name(adapter_name, LoadError)
+    check_adapter_name(adapter_name + MODULES_SUFFIX, LoadError)
     config, state = read_peft(peft_dir)
+    check_peft_config(config, source)
     _precheck(config, source)
     if is_grafted(model):
         grafted = model
@@ -486,9 +491,10 @@ def save_peft(grafted: "GraftedModule", directory: str | os.PathLike, adapter: s
     config, state = _export(grafted, record)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     directory = Path(directory)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(
-        json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n"))
+    write_directory(directory, {  # one generation: both files swapped in together
+        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n"),
+    })
 
 
 def _jsonable(value: Any) -> Any:

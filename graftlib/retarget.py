@@ -34,7 +34,7 @@ from torch import fx, nn
 from .editor import STORE
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["Placement", "placement", "strip_metadata_asserts", "retarget_graph", "follow", "to_placement"]
 
@@ -233,7 +233,7 @@ def to_placement(inputs: dict[str, Any], where: Placement) -> dict[str, Any]:
     return out
 
 
-def follow(grafted: "Grafted", before: Placement) -> None:
+def follow(grafted: "GraftedModule", before: Placement) -> None:
     """After the weights of `grafted` moved from `before`, rewrite its canonical and base graphs."""
     after = placement(grafted)
     if after == before:
@@ -245,7 +245,7 @@ def follow(grafted: "Grafted", before: Placement) -> None:
     grafted._base_graph = _copy(base.graph)
 
 
-def follow_model(variant: "Grafted", model: nn.Module) -> None:
+def follow_model(variant: "GraftedModule", model: nn.Module) -> None:
     """A graph traced from the user's model (a new input set) for a module that has since moved: convert
     its own buffers and rewrite its graphs to the module's placement (its parameters are the module's)."""
     before, after = placement(model), placement(variant)

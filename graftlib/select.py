@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .errors import near_names
+from .errors import GraftSpecError, near_names
+from .safety import BoundedRegex
 from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
 from .spec import GraftCall, Target
 
@@ -141,7 +142,7 @@ def _pattern_sites(target: Target, sites: Sequence[Site]) -> list[Site]:
     # A slice of a fused projection is named by its key only (h.0.attn.c_attn[q]): its bare path
     # names the whole projection, a site of its own, so "c_attn" must not graft it four times.
     if target.kind == "regex":
-        pattern = re.compile(target.text)
+        pattern = BoundedRegex(target.text, "regular expression", GraftSpecError)  # time-bounded
         return [s for s in sites if pattern.fullmatch(s.key)]
     if target.kind == "glob":
         return [s for s in sites if fnmatch.fnmatchcase(s.key, target.text)]

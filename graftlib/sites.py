@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .names import original_path
+
 __all__ = ["Site", "find_sites", "site_from_key", "weight_value", "stored_weight"]
 
 aten = torch.ops.aten
@@ -98,7 +100,7 @@ def _site_path(gm: fx.GraphModule, node: fx.Node, weight: str) -> str:
     calling = _module_path(node)
     if calling and calling != owner and _has_attr(gm, f"{calling}.{leaf}"):
         return calling
-    return owner
+    return original_path(gm, owner)  # the user's module name, also where it is not a safe attribute name
 
 
 def _walk_back(node: Any) -> Any:

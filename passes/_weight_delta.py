@@ -25,7 +25,7 @@ from graftlib.editor import Editor
 from graftlib.errors import GraftError, LoadError
 from graftlib.sites import Site
 
-__all__ = ["kaiming", "join_delta", "rank_dropout", "weight_shape", "conv_options", "peft_sites", "peft_site_tensors",
+__all__ = ["peft_export_config", "kaiming", "join_delta", "rank_dropout", "weight_shape", "conv_options", "peft_sites", "peft_site_tensors",
            "peft_spec_regex", "site_paths", "target_modules", "check_options", "float_text", "PEFT_PREFIX", "METADATA_KEYS"]
 
 aten = torch.ops.aten
@@ -187,6 +187,23 @@ def site_paths(record: Any) -> list[str]:
 
 def target_modules(grafted: Any, paths: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly `paths` (a list, or one exact regex on a name clash)."""
-    from graftlib.peft import _target_modules
+    from graftlib.passes.lora_peft import _target_modules
 
     return _target_modules(grafted, paths)
+
+
+def peft_export_config(grafted: Any, record: Any, peft_type: str,
+                       **extra: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's adapter_config dict and ``adapter_model`` tensors for a LyCORIS-style adapter (LoHa, LoKr):
+    the keys they share, plus the method's own `extra` keys."""
+    paths = site_paths(record)
+    tensors = grafted.store.tensors(record.adapter)
+    state = {f"{PEFT_PREFIX}{path}.{name}": value.detach()
+             for path in paths for name, value in tensors[path].items()}
+    config = record.config
+    return {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "r": config["r"], "alpha": config["alpha"], "rank_dropout": config["rank_dropout"],
+            "module_dropout": config["module_dropout"],
+            "use_effective_conv2d": bool(config["effective_conv2d"]), "target_modules": target_modules(grafted, paths),
+            "exclude_modules": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, **extra}, state

@@ -34,8 +34,8 @@ from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site
 from graftlib.spec import GraftCall
 
-from ._weight_delta import (PEFT_PREFIX, check_options, float_text, join_delta, kaiming, peft_site_tensors,
-                            peft_sites, peft_spec_regex, rank_dropout, site_paths, target_modules, weight_shape)
+from ._weight_delta import (check_options, peft_export_config, float_text, join_delta, kaiming,
+                            peft_site_tensors, peft_sites, peft_spec_regex, rank_dropout, weight_shape)
 
 __all__ = ["LoHa", "loha_delta", "peft_import", "peft_export"]
 
@@ -136,14 +136,4 @@ def _dropouts(config: dict[str, Any]) -> list[str]:
 
 def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One LoHa adapter as PEFT's adapter_config dict and ``adapter_model`` tensors."""
-    paths = site_paths(record)
-    tensors = grafted.store.tensors(record.adapter)
-    state = {f"{PEFT_PREFIX}{path}.{name}": value.detach()
-             for path in paths for name, value in tensors[path].items()}
-    config = record.config
-    return {"peft_type": "LOHA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-            "r": config["r"], "alpha": config["alpha"], "rank_dropout": config["rank_dropout"],
-            "module_dropout": config["module_dropout"],
-            "use_effective_conv2d": bool(config["effective_conv2d"]), "target_modules": target_modules(grafted, paths),
-            "exclude_modules": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}, state
+    return peft_export_config(grafted, record, "LOHA")

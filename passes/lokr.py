@@ -32,8 +32,8 @@ from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site
 from graftlib.spec import GraftCall
 
-from ._weight_delta import (PEFT_PREFIX, check_options, float_text, join_delta, kaiming, peft_site_tensors,
-                            peft_sites, peft_spec_regex, rank_dropout, site_paths, target_modules, weight_shape)
+from ._weight_delta import (check_options, peft_export_config, float_text, join_delta, kaiming,
+                            peft_site_tensors, peft_sites, peft_spec_regex, rank_dropout, weight_shape)
 
 __all__ = ["LoKr", "factorization", "lokr_delta", "peft_import", "peft_export"]
 
@@ -184,17 +184,8 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
 
 def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One LoKr adapter as PEFT's adapter_config dict and ``adapter_model`` tensors."""
-    paths = site_paths(record)
-    tensors = grafted.store.tensors(record.adapter)
-    state = {f"{PEFT_PREFIX}{path}.{name}": value.detach()
-             for path in paths for name, value in tensors[path].items()}
     config = record.config
-    return {"peft_type": "LOKR", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-            "r": config["r"], "alpha": config["alpha"], "rank_dropout": config["rank_dropout"],
-            "module_dropout": config["module_dropout"],
-            "use_effective_conv2d": bool(config["effective_conv2d"]),
-            "decompose_both": bool(config["decompose_both"]), "decompose_factor": config["decompose_factor"],
-            "rank_dropout_scale": bool(config["rank_dropout_scale"]), "target_modules": target_modules(grafted, paths),
-            "exclude_modules": None, "init_weights": "lycoris" if config["init"] == "lycoris" else True,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-            "modules_to_save": None}, state
+    return peft_export_config(grafted, record, "LOKR", decompose_both=bool(config["decompose_both"]),
+                              decompose_factor=config["decompose_factor"],
+                              rank_dropout_scale=bool(config["rank_dropout_scale"]),
+                              init_weights="lycoris" if config["init"] == "lycoris" else True)

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from graftlib.editor import Editor, graft_tag
 from graftlib.registry import Method, Option, register
-from graftlib.sites import Site
+from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
 
 __all__ = ["Quantize", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "quantize_int8",
@@ -170,7 +170,7 @@ class Quantize(Method):
         weight_node = anchor.args[position]
         if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"):
             return  # already quantised (a second anchor of a shared weight reads the first's tensors)
-        weight = _resolve(editor.gm, weight_node.target)
+        weight = weight_value(editor.gm, weight_node.target)
         shape, dtype = tuple(weight.shape), weight.dtype
         state: dict[str, torch.Tensor] = {}
         names = ("packed", "qabsmax", "absmax2", "offset") if config["bits"] == 4 else ("q", "scale")
@@ -240,7 +240,7 @@ class Quantize(Method):
             if leaf in module._parameters and not is_released(module._parameters[leaf]):
                 module._parameters[leaf] = _released(module._parameters[leaf])
         model = grafted._model
-        if model is not None and any(not is_released(_resolve(model, t)) for t in released):
+        if model is not None and any(not is_released(weight_value(model, t)) for t in released):
             object.__setattr__(grafted, "_model", skeleton(model, released))
 
     def quantized_state(self, weight: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -259,13 +259,6 @@ def _released(param: torch.Tensor) -> nn.Parameter:
 
 def is_released(tensor: torch.Tensor) -> bool:
     return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
-
-
-def _resolve(root: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def skeleton(model: nn.Module, targets: set[str]) -> nn.Module:

@@ -15,9 +15,10 @@ import torch
 from torch import fx
 
 from graftlib.editor import Editor, graft_tag
-from graftlib.errors import near_names
+from graftlib.errors import GraftSpecError, near_names
 from graftlib.peft import _graph_parameters, _module_params
 from graftlib.registry import Method, register
+from graftlib.safety import regex_call
 from graftlib.select import Selection, SiteIndex
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
@@ -77,7 +78,7 @@ class Replace(Method):
 
 def _module_match(target: Any, module: str) -> bool:
     if target.kind == "regex":
-        return re.fullmatch(target.text, module) is not None
+        return regex_call("fullmatch", target.text, module, "regular expression", GraftSpecError) is not None
     if target.kind == "glob":
         return fnmatch.fnmatchcase(module, target.text)
     return module == target.text or module.endswith("." + target.text)
