@@ -35,6 +35,8 @@ from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
+from . import checkpoint, hf, retarget
+from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
@@ -87,6 +89,8 @@ class Grafted(nn.Module):
         super().__init__()
         gm = traced.graph_module
         _share_parameters(gm)
+        if retarget.strip_metadata_asserts(gm.graph):  # dtype / device checks only; autocast trips them
+            gm.recompile()
         if not isinstance(getattr(gm, STORE, None), AdapterStore):
             gm.add_submodule(STORE, AdapterStore())
         self.graph_module = gm
@@ -99,6 +103,8 @@ class Grafted(nn.Module):
         self._variants: dict[Context, "Grafted"] = {}
         self._no_gain: set[Context] = set()  # unpadded contexts whose trace would equal the masked graph
         self.retraceable = model is not None
+        self._input_defaults = input_defaults(traced, model)  # omitted inputs the model computes (inputs.py)
+        hf.install(self)  # Trainer: forward's signature, adapter-only state dict (hf.py)
         self.train(traced.training)
 
     # -- structure ---------------------------------------------------------------------------
@@ -152,7 +158,7 @@ class Grafted(nn.Module):
                           "call g.train() / g.eval() / g.set_active(...) before compiling")
             graph = specialise(self.graph, self._active, self.training)
             named = build_module(self.graph_module, graph, self.training)
-            pair = self._runtimes[key] = (named, flat_module(named))
+            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat_module(named), self.training))
         return pair
 
     def _invalidate(self) -> None:
@@ -164,25 +170,12 @@ class Grafted(nn.Module):
         if self.records:
             self.runtime_module()
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), share_memory(): buffers are replaced
-        self._check_conversion(fn)
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .float(), share_memory()
+        before = retarget.placement(self)
         result = super()._apply(fn, recurse)
+        retarget.follow(self, before)  # the graph's dtype / device arguments follow the weights
         self._invalidate()
         return result
-
-    def _check_conversion(self, fn: Any) -> None:
-        """The traced graph is specialised to one dtype and device (casts, asserts and factory calls name
-        them), so ``.half()`` / ``.to("cuda")`` after grafting is refused before anything is converted."""
-        probe = next((t for t in self.graph_module.parameters() if t.is_floating_point()), None)
-        if probe is None or probe.is_meta:
-            return
-        converted = fn(torch.zeros((), dtype=probe.dtype, device=probe.device))
-        if (converted.dtype, converted.device) != (probe.dtype, probe.device):
-            raise GraftError(
-                f"this grafted module was traced in {probe.dtype} on {probe.device}, and its graph is specialised "
-                f"to them; it cannot move to {converted.dtype} on {converted.device}. Convert the model first and "
-                "graft that: graftlib.apply(model.to(dtype_or_device), spec); to keep trained adapters, "
-                "g.save(dir) then graftlib.load(converted_model, dir)")
 
     def train(self, mode: bool = True) -> "Grafted":
         self.training = mode
@@ -388,6 +381,7 @@ class Grafted(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if args:
             kwargs = self._bind(args, kwargs)
+        kwargs = conform_inputs(self._traced, self._input_defaults, kwargs)
         if adapter_names is not None:  # one adapter (or "__base__") per batch row
             from .mixed import mixed_forward
 
@@ -483,6 +477,7 @@ class Grafted(nn.Module):
                 "a module merged in place cannot re-trace: call it with the traced inputs, or graft "
                 "with example_inputs that include the others before merging")
         examples = examples_at_traced_sizes(inputs, self._traced.example_inputs)
+        examples = retarget.to_placement(examples, retarget.placement(self._model))  # the model's own
         with assume_unpadded() if unpadded else contextlib.nullcontext():
             traced = trace(self._model, examples, dynamic=self._traced.dynamic_spec, training=context.training,
                            verify=self._traced.verify)
@@ -490,8 +485,10 @@ class Grafted(nn.Module):
             return None
         variant = Grafted(traced, self._model)
         variant._unpadded = unpadded
+        checkpoint.inherit(variant, self)
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)
+        retarget.follow_model(variant, self._model)  # when this module moved after grafting
         return variant
 
     def add_records(self, records: Iterable[GraftRecord]) -> None:
@@ -536,6 +533,8 @@ class Grafted(nn.Module):
         new._active = self._active
         new._runtimes, new._variants, new._no_gain = {}, {}, set()
         new.retraceable = False
+        new._input_defaults = self._input_defaults
+        hf.install(new)
         new.training = self.training
         return new
 
@@ -544,6 +543,28 @@ class Grafted(nn.Module):
         from .io import save
 
         save(self, directory)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each block's forward in backward (per-block torch.utils.checkpoint; checkpoint.py)."""
+        checkpoint.enable(self, gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        checkpoint.disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.__dict__.get("_checkpointing") is not None
+
+    def save_pretrained(self, directory: str, **_: Any) -> None:
+        """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""
+        self.save(directory)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The graft's config in the state dict, so a Trainer checkpoint loads with graftlib.load (hf.py)."""
+        return hf.config_bytes(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        hf.check_config(self, state)
 
     def op_histogram(self) -> dict[str, int]:
         return op_histogram(self.runtime_module().graph)

@@ -34,17 +34,20 @@ from .errors import GraftError, GraftSpecError, LoadError
 from .names import adapter_name_problem
 from .protocols import graft, is_grafted, named_spec
 from .registry import get_method
-from .safety import read_json, shorten
+from .safety import loads_json, read_json, shorten
 from .spec import parse_spec
 
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["save", "load", "atomic_write", "write_directory", "clean_staging", "restoring", "CONFIG_NAME",
-           "WEIGHTS_NAME"]
+__all__ = ["save", "load", "config_dict", "atomic_write", "write_directory", "clean_staging", "restoring",
+           "CONFIG_NAME", "WEIGHTS_NAME",
+           "TRAINER_WEIGHTS_NAME", "EXTRA_STATE", "decode_config", "is_trainer_checkpoint", "read_trainer_checkpoint"]
 
 CONFIG_NAME = "graft.json"
 WEIGHTS_NAME = "adapters.safetensors"
+TRAINER_WEIGHTS_NAME = "model.safetensors"   # what Trainer._save writes for a plain nn.Module (hf.py)
+EXTRA_STATE = "_extra_state"                 # the state-dict entry holding graft.json's content
 FORMAT_VERSION = 1
 
 _RESTORING = contextvars.ContextVar("graftlib_restoring", default=False)
@@ -227,16 +230,10 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for record in grafted.records:
-        if not get_method(record.method).saves_tensors:
-            continue  # rebuilt from the base model on load (quantised weights)
-        for site, params in grafted.store.tensors(record.adapter).items():
-            for pname, tensor in params.items():
-                tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
+def config_dict(grafted: "GraftedModule") -> dict[str, Any]:
+    """graft.json's content for `grafted`."""
     config = grafted._traced.config
-    meta = {
+    return {
         "format": "graftlib",
         "version": FORMAT_VERSION,
         "base_model": {"class": grafted._traced.model_class,
@@ -247,6 +244,17 @@ def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
                       "config": _jsonable(r.config), "sites": r.sites, "extras": _jsonable(r.extras)}
                      for r in grafted.records],
     }
+
+
+def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for record in grafted.records:
+        if not get_method(record.method).saves_tensors:
+            continue  # rebuilt from the base model on load (quantised weights)
+        for site, params in grafted.store.tensors(record.adapter).items():
+            for pname, tensor in params.items():
+                tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
+    meta = config_dict(grafted)
     write_directory(directory, {
         WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"),
@@ -309,13 +317,58 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise LoadError(f"{directory} is not a saved graft: {CONFIG_NAME} is missing "
                         "(save one with g.save(dir))")
-    meta = read_json(path, "graftlib config")
+    return _checked_config(read_json(path, "graftlib config"), str(path))
+
+
+def _checked_config(meta: Any, source: str) -> dict[str, Any]:
     problem = _config_problem(meta)
     if problem:
-        raise LoadError(f"{path} is not a valid graftlib config: {problem}")
+        raise LoadError(f"{source} is not a valid graftlib config: {problem}")
     if isinstance(meta.get("active"), str):
         meta["active"] = [meta["active"]]
     return meta
+
+
+def decode_config(state: Any, source: str) -> dict[str, Any]:
+    """A graft config stored in a state dict (``Grafted.get_extra_state``: a 1-D uint8 tensor of JSON),
+    with graft.json's bounds and checks; ``state_dict_keys`` stays in it."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        raise LoadError(f"{source} is not a graftlib config (a 1-D uint8 tensor of JSON)")
+    meta = loads_json(bytes(state.tolist()), source, "graftlib config")
+    keys = meta.pop("state_dict_keys", {}) if isinstance(meta, dict) else {}
+    meta = _checked_config(meta, source)
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise LoadError(f"{source}: the config's state_dict_keys is not a mapping of names")
+    meta["state_dict_keys"] = keys
+    return meta
+
+
+def is_trainer_checkpoint(directory: str | os.PathLike) -> bool:
+    """A Trainer checkpoint-N/ of a grafted module: a state dict with the config in it, no graft.json."""
+    directory = Path(directory)
+    return not (directory / CONFIG_NAME).is_file() and (directory / TRAINER_WEIGHTS_NAME).is_file()
+
+
+def read_trainer_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(graft config, tensors keyed as in adapters.safetensors) from a Trainer checkpoint directory."""
+    path = Path(directory) / TRAINER_WEIGHTS_NAME
+    try:
+        raw = load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ValueError, RuntimeError: a corrupt file
+        raise LoadError(f"{path} is not a readable safetensors file ({shorten(str(exc), 200)})") from None
+    configs = [k for k in raw if k == EXTRA_STATE or k.endswith("." + EXTRA_STATE)]
+    if len(configs) != 1:
+        raise LoadError(f"{path} holds no graftlib config (no {EXTRA_STATE} tensor): it was not saved from a "
+                        "grafted module's state dict")
+    prefix = configs[0][: -len(EXTRA_STATE)]
+    meta = decode_config(raw[configs[0]], f"{path}:{configs[0]}")
+    tensors = {}
+    for key, saved_as in meta.pop("state_dict_keys").items():
+        if prefix + key not in raw:
+            raise LoadError(f"{path}: tensor {shorten(prefix + key, 120)!r} is missing; the checkpoint does not "
+                            "match its config")
+        tensors[saved_as] = raw[prefix + key]
+    return meta, tensors
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -349,8 +402,10 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: Any = N
 
     Onto an existing :class:`Grafted` it is all or nothing: any failure leaves it as it was."""
     source = str(directory)
-    meta = read_config(directory)
-    tensors = read_tensors(directory)
+    if is_trainer_checkpoint(directory):  # a Trainer checkpoint-N/ of a grafted module (hf.py)
+        meta, tensors = read_trainer_checkpoint(directory)
+    else:
+        meta, tensors = read_config(directory), read_tensors(directory)
     _check_saved_adapters(meta, tensors, source)
     records = meta["adapters"]
     names = [r["name"] for r in records]

@@ -31,7 +31,7 @@ from .locks import TRACE_LOCK
 from .text import MAX_MESSAGE, shorten
 
 __all__ = ["REGEX_SECONDS", "MAX_PATTERN", "OPTION_BOUNDS", "MAX_INT", "MAX_JSON_BYTES", "MAX_JSON_DEPTH",
-           "MAX_MESSAGE", "BoundedRegex", "regex_call", "option_bound_problem", "read_json", "shorten", "exclusive_trace",
+           "MAX_MESSAGE", "BoundedRegex", "regex_call", "option_bound_problem", "read_json", "loads_json", "shorten", "exclusive_trace",
            "TRACE_LOCK"]
 
 REGEX_SECONDS = 0.5  # per pattern, summed over its matches: far above any real use (microseconds per name)
@@ -163,15 +163,24 @@ def read_json(path: Path, what: str) -> Any:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise LoadError(f"{path} is {size} bytes; a {what} is at most {MAX_JSON_BYTES} bytes")
-        value = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_finite_constant)
-    except LoadError:
-        raise
-    except RecursionError:
-        raise LoadError(f"cannot read {path}: nested more than {MAX_JSON_DEPTH} deep") from None
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        data = path.read_bytes()
+    except OSError as exc:
         raise LoadError(f"cannot read {path}: {shorten(str(exc), 300)}") from None
+    return loads_json(data, str(path), what)
+
+
+def loads_json(data: bytes, source: str, what: str) -> Any:
+    """JSON bytes from outside, with read_json's bounds; `source` names them in errors."""
+    if len(data) > MAX_JSON_BYTES:
+        raise LoadError(f"{source} is {len(data)} bytes; a {what} is at most {MAX_JSON_BYTES} bytes")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_finite_constant)
+    except RecursionError:
+        raise LoadError(f"cannot read {source}: nested more than {MAX_JSON_DEPTH} deep") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LoadError(f"cannot read {source}: {shorten(str(exc), 300)}") from None
     if _depth(value) > MAX_JSON_DEPTH:
-        raise LoadError(f"cannot read {path}: nested more than {MAX_JSON_DEPTH} deep")
+        raise LoadError(f"cannot read {source}: nested more than {MAX_JSON_DEPTH} deep")
     return value
 
 
