@@ -12,6 +12,11 @@ Only a block's inputs are kept for backward; its forward is recomputed in backwa
 had (dropout masks equal), so gradients equal the non-checkpointed ones. Non-reentrant checkpointing
 gives adapter parameters their gradients even when the block input does not require grad (so
 ``use_reentrant`` is always False). Eval mode and no-grad calls run the flat graph.
+
+Hugging Face's arguments (transformers 5 calls ``activation_checkpointing_enable(kwargs, every_n_layers,
+offload)``): ``every_n_layers=n`` checkpoints blocks 0, n, 2n, ... (the others keep their activations);
+``offload=True`` keeps the checkpointed blocks' saved inputs in host memory
+(``torch.autograd.graph.save_on_cpu``) when they live on an accelerator.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
+
+from .errors import GraftError
 
 if TYPE_CHECKING:
     from .protocols import GraftedModule
@@ -95,40 +102,54 @@ def _inside_block(node: fx.Node, block: str) -> bool:
 class Checkpointed(nn.Module):
     """Runs `inner` under non-reentrant activation checkpointing while grad is on."""
 
-    def __init__(self, inner: nn.Module, options: dict[str, Any]):
+    def __init__(self, inner: nn.Module, options: dict[str, Any], offload: bool = False):
         super().__init__()
         self.inner = inner
         self.options = dict(options)
+        self.offload = offload
 
     def forward(self, *args: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.inner(*args)
-        return checkpoint(self.inner, *args, use_reentrant=False, **self.options)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        if not self.offload or device.type == "cpu":
+            return checkpoint(self.inner, *args, use_reentrant=False, **self.options)
+        with torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=device.type):
+            return checkpoint(self.inner, *args, use_reentrant=False, **self.options)
 
 
 def checkpointed_module(flat: fx.GraphModule, options: dict[str, Any] | None = None) -> fx.GraphModule:
-    """`flat` split into per-block partitions, each block under checkpointing; `flat` itself when the
-    graph has no repeated blocks."""
+    """`flat` split into per-block partitions, every `every_n_layers`-th block (from the first) under
+    checkpointing; `flat` itself when the graph has no repeated blocks."""
     part, block_parts = blocks(flat.graph)
     if len(block_parts) < 2:
         return flat
+    options = dict(options or {})
+    every_n, offload = int(options.pop("every_n_layers", 1)), bool(options.pop("offload", False))
+    chosen = {index for rank, index in enumerate(sorted(block_parts)) if rank % every_n == 0}
     split = split_module(flat, None, lambda node: part.get(node, 0), keep_original_order=True)
     for name, sub in list(split.named_children()):
         index = int(name.rsplit("_", 1)[1]) if name.startswith("submod_") else None
-        if index in block_parts:
-            setattr(split, name, Checkpointed(sub, options or {}))
+        if index in chosen:
+            setattr(split, name, Checkpointed(sub, options, offload))
     split.graph._codegen = copy.deepcopy(flat.graph._codegen)  # pytree in/out: the model's output class
     split.recompile()
     split.train(flat.training)
-    split.checkpointed_blocks = len(block_parts)  # type: ignore[attr-defined]
+    split.checkpointed_blocks = len(chosen)  # type: ignore[attr-defined]
     return split
 
 
 _OPTIONS = {"preserve_rng_state", "determinism_check", "debug"}
 
 
-def enable(grafted: "GraftedModule", gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+def enable(grafted: "GraftedModule", gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+           every_n_layers: int = 1, offload: bool = False) -> None:
+    """Checkpoint every `every_n_layers`-th block; `gradient_checkpointing_kwargs` keeps the options of
+    ``torch.utils.checkpoint`` that apply (``use_reentrant`` is always False)."""
+    if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+        raise GraftError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
     options = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items() if k in _OPTIONS}
+    options.update(every_n_layers=every_n_layers, offload=bool(offload))
     _set(grafted, options)
 
 

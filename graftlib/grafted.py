@@ -544,16 +544,26 @@ class Grafted(nn.Module):
 
         save(self, directory)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute each block's forward in backward (per-block torch.utils.checkpoint; checkpoint.py)."""
-        checkpoint.enable(self, gradient_checkpointing_kwargs)
+        checkpoint.enable(self, gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """``gradient_checkpointing_enable`` under transformers 5's name (what Trainer calls)."""
+        checkpoint.enable(self, activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         checkpoint.disable(self)
 
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.__dict__.get("_checkpointing") is not None
+
+    is_activation_checkpointing = is_gradient_checkpointing
 
     def save_pretrained(self, directory: str, **_: Any) -> None:
         """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""

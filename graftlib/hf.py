@@ -13,8 +13,9 @@
   config (graft.json's content, as a uint8 tensor). Base weights belong to the model and are left out
   (a load reports them as neither missing nor unexpected). ``graftlib.load(model, checkpoint_dir)``
   reads such a checkpoint like a ``g.save`` directory; ``g.save_pretrained(dir)`` is ``g.save(dir)``.
-- ``gradient_checkpointing_enable()`` (``TrainingArguments(gradient_checkpointing=True)``): per-block
-  checkpointing (checkpoint.py); a model that had it enabled before grafting keeps it.
+- ``activation_checkpointing_enable(kwargs, every_n_layers, offload)`` (what transformers 5's Trainer
+  calls for ``TrainingArguments(gradient_checkpointing=True)``) and the older ``gradient_checkpointing_enable``:
+  per-block checkpointing (checkpoint.py); a model that had it enabled before grafting keeps it.
 """
 from __future__ import annotations
 
@@ -68,10 +69,18 @@ def install(grafted: "GraftedModule") -> None:
     _bind_forward(grafted)
     object.__setattr__(grafted, "accepts_loss_kwargs", False)
     object.__setattr__(grafted, "_keys_to_ignore_on_save", None)
-    if getattr(grafted._model, "is_gradient_checkpointing", False):  # enabled on the model before grafting
+    if _model_checkpoints(grafted._model):  # enabled on the model before grafting
         grafted.__dict__["_checkpointing"] = {}
     grafted.register_state_dict_post_hook(_keep_own_state)
     grafted.register_load_state_dict_post_hook(_forgive_base_keys)
+
+
+def _model_checkpoints(model: nn.Module) -> bool:
+    """Whether `model` had Hugging Face checkpointing enabled (transformers 5's name first: the old one warns)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
 
 
 def _own_names(grafted: "GraftedModule") -> tuple[str, set[str]]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHS", "TEXT_ARCHS", "build", "inputs_for", "HandAttention", "HandPreLN"]
+__all__ = ["ARCHS", "TEXT_ARCHS", "build", "build_with_head", "inputs_for", "HandAttention", "HandPreLN"]
 
 H, LAYERS, HEADS, FFN, VOCAB = 32, 2, 4, 64, 100
 
@@ -173,6 +173,21 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]
     model = HAND[name]() if name in HAND else _hf(name)
     model.eval()
     return model, inputs_for(name)
+
+
+def build_with_head(name: str, seed: int = 0) -> nn.Module:
+    """`name`'s tiny config under a task head with a loss, in eval mode, default dropout:
+    "llama" -> LlamaForCausalLM (labels = ids), "bert" -> BertForSequenceClassification (3 labels)."""
+    import transformers as T
+
+    text = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=FFN, max_position_embeddings=64)
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**text, num_key_value_heads=2)),
+        "bert": lambda: T.BertForSequenceClassification(T.BertConfig(**text, num_labels=3)),
+    }
+    torch.manual_seed(seed)
+    return factories[name]().eval()
 
 
 def example_inputs(name: str) -> dict[str, torch.Tensor] | None:

@@ -242,3 +242,157 @@ def _save(g) -> str:
     directory = tempfile.mkdtemp()
     g.save(directory)
     return directory
+
+
+# -- 4. Trainer + gradient checkpointing (+ CPU bf16 autocast) against PEFT under the same Trainer ----------
+#: (architecture with a loss head, precision). ``activation_checkpointing=True`` (transformers 5's name for
+#: ``gradient_checkpointing=True``) makes Trainer call ``activation_checkpointing_enable`` on both models.
+#: The same base weights, the same LoRA init (graftlib's A, B
+#: copied into PEFT's lora_A / lora_B), the same rows, seed and TrainingArguments; dropout on (the model's
+#: default: BERT 0.1), so the RNG streams must agree too.
+TRAIN_CASES = [("llama", "fp32"), ("llama", "bf16"), ("bert", "fp32"), ("bert", "bf16")]
+#: max abs difference allowed between the per-step losses. Measured: 0.0 in all four cases (the graph runs
+#: the eager model's aten ops under the same autocast policy); bf16 allows for bf16 rounding of matmuls.
+LOSS_TOL = {"fp32": 1e-5, "bf16": 2e-3}
+TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
+
+
+def _task_rows(arch: str, n: int = 16, seq: int = 8) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):  # no token_type_ids for BERT: the model's default, filled in by graftlib
+        ids = torch.randint(3, 100, (seq,), generator=gen)
+        label = ids.clone() if arch == "llama" else torch.tensor(i % 3)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": label})
+    return rows
+
+
+def _train_20_steps(model, arch: str, precision: str, out) -> list[float]:
+    import transformers as T
+
+    args = T.TrainingArguments(str(out), max_steps=20, per_device_train_batch_size=4, learning_rate=1e-2,
+                               bf16=precision == "bf16", use_cpu=True, activation_checkpointing=True, seed=0,
+                               report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = T.Trainer(model=model, args=args, train_dataset=_task_rows(arch))
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _peft_twin(model, g: graftlib.Grafted, arch: str):
+    """PEFT LoRA on a copy of `model` with graftlib's initial A and B."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=TARGETS[arch], r=4, lora_alpha=4))
+    pairs = []
+    for escaped, site in g.store["default"].items():
+        layer = peft_model.base_model.model.get_submodule(site.site_key)
+        pairs += [(site.lora_A, layer.lora_A["default"].weight), (site.lora_B, layer.lora_B["default"].weight)]
+    with torch.no_grad():
+        for ours, theirs in pairs:
+            theirs.copy_(ours)
+    return peft_model, pairs
+
+
+_GRAFTS: dict[str, tuple] = {}
+
+
+def _fresh_graft(arch: str) -> tuple:
+    """(model, graft at its initial adapters). One graft per architecture, its adapters reset for each case:
+    the traces (training mode, the labels input set) are made once, by the first case's first step."""
+    from models import build_with_head
+
+    if arch not in _GRAFTS:
+        model = build_with_head(arch)
+        g = graftlib.apply(model, "lora(q,v,r=4)")
+        _GRAFTS[arch] = model, g, _adapter_tensors(g)
+    model, g, initial = _GRAFTS[arch]
+    # accelerate marks a model it prepared and does not prepare it again (no autocast wrapper on its forward):
+    # true of any model handed to a second Trainer, so the mark goes with the reset
+    vars(g).pop("_is_accelerate_prepared", None)
+    with torch.no_grad():
+        for name, param in g.store.named_parameters():
+            param.copy_(initial[name])
+    return model, g
+
+
+@pytest.mark.parametrize("arch,precision", TRAIN_CASES, ids=[f"{a}-{p}" for a, p in TRAIN_CASES])
+def test_trainer_with_checkpointing_tracks_peft(arch: str, precision: str, tmp_path, monkeypatch) -> None:
+    from graftlib import checkpoint as ckpt
+
+    model, g = _fresh_graft(arch)
+    peft_model, pairs = _peft_twin(model, g, arch)
+    calls: list[bool] = []  # autocast state at each checkpointed block call
+    original = ckpt.Checkpointed.forward
+    monkeypatch.setattr(ckpt.Checkpointed, "forward",
+                        lambda self, *a: calls.append(torch.is_autocast_enabled("cpu")) or original(self, *a))
+
+    ours = _train_20_steps(g, arch, precision, tmp_path / "graftlib")
+    theirs = _train_20_steps(peft_model, arch, precision, tmp_path / "peft")
+
+    assert len(ours) == len(theirs) == 20
+    diff = max(abs(a - b) for a, b in zip(ours, theirs))
+    assert diff <= LOSS_TOL[precision], f"per-step losses differ by {diff}: {ours} vs {theirs}"
+    assert len(calls) >= 2 * 20 and set(calls) == {precision == "bf16"}, "each block checkpointed, autocast as asked"
+    assert peft_model.base_model.model.is_activation_checkpointing
+    for ours_param, theirs_param in pairs:  # trained the same: every A and B (B started at zero)
+        torch.testing.assert_close(ours_param.detach(), theirs_param.detach(), rtol=0, atol=10 * LOSS_TOL[precision])
+    assert all(p.abs().max() > 0 for n, p in g.store.named_parameters() if n.endswith("lora_B"))
+
+
+# -- 5. per-block gradient checkpointing: the same gradients, fewer saved tensors ---------------------------
+CKPT_ARCHS = ["llama", "bert", "gpt2"]
+
+
+def _grads_and_checkpointed_calls(g: graftlib.Grafted, inputs: dict, monkeypatch) -> tuple[dict, int]:
+    from graftlib import checkpoint as ckpt
+
+    calls = []
+    original = ckpt.Checkpointed.forward
+    monkeypatch.setattr(ckpt.Checkpointed, "forward", lambda self, *a: calls.append(1) or original(self, *a))
+    g.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # dropout on (training mode): the recomputation must draw the same masks
+    _hidden(g(**inputs)).square().mean().backward()
+    monkeypatch.setattr(ckpt.Checkpointed, "forward", original)
+    return {n: p.grad.clone() for n, p in g.trainable_parameters().items()}, len(calls)
+
+
+@pytest.mark.parametrize("arch", CKPT_ARCHS)
+def test_checkpointing_gives_the_same_gradients(arch: str, monkeypatch) -> None:
+    model, _ = build(arch)
+    g = graftlib.apply(model, "lora(q,v,r=4)").train()
+    _randomise(g)
+    inputs = _padded(inputs_for(arch, batch=3, seq=5))
+    want, none = _grads_and_checkpointed_calls(g, inputs, monkeypatch)
+    g.gradient_checkpointing_enable()
+    assert g.is_gradient_checkpointing and g.is_activation_checkpointing
+    got, every = _grads_and_checkpointed_calls(g, inputs, monkeypatch)
+    g.activation_checkpointing_enable(every_n_layers=2)  # transformers 5's name and argument: blocks 0, 2, ...
+    every_2nd, half = _grads_and_checkpointed_calls(g, inputs, monkeypatch)
+    assert (none, every, half) == (0, 2, 1)  # 2 layers
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+        torch.testing.assert_close(every_2nd[name], want[name], rtol=0, atol=0)
+    g.gradient_checkpointing_disable()
+    assert not g.is_gradient_checkpointing
+
+
+def test_checkpointing_keeps_fewer_tensors_for_backward() -> None:
+    from graftlib.tools.bench import saved_for_backward_bytes
+
+    model, _ = build("llama")
+    g = graftlib.apply(model, "lora(q,v,r=4)").train()
+    inputs = inputs_for("llama", batch=4, seq=16)
+    with torch.no_grad():  # the graph for all-ones masks is traced here, not under the counting hooks
+        g(**inputs)
+    without = saved_for_backward_bytes(g, inputs)
+    g.gradient_checkpointing_enable()
+    with_ckpt = saved_for_backward_bytes(g, inputs)
+    assert 0 < with_ckpt <= without / 3, (with_ckpt, without)
+
+
+def test_bad_every_n_layers_is_a_graft_error() -> None:
+    g = graftlib.apply(build("llama")[0], "lora(q,r=2)")
+    with pytest.raises(graftlib.GraftError, match="every_n_layers must be a positive integer"):
+        g.gradient_checkpointing_enable(every_n_layers=0)
