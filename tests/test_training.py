@@ -317,6 +317,17 @@ def _fresh_graft(arch: str) -> tuple:
     return model, g
 
 
+@pytest.fixture
+def one_thread():
+    """Hidden 32, batch 4 x 8: a second intra-op thread only waits for the other core (x2-10 slower when the
+    machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("arch,precision", TRAIN_CASES, ids=[f"{a}-{p}" for a, p in TRAIN_CASES])
 def test_trainer_with_checkpointing_tracks_peft(arch: str, precision: str, tmp_path, monkeypatch) -> None:
     from graftlib import checkpoint as ckpt
