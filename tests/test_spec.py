@@ -75,7 +75,7 @@ def bert_graph():
 
 
 SEMANTIC_ERRORS = [
-    ("lorra(q,v)", 0, "unknown method 'lorra'; did you mean 'lora'? all 9 methods: adalora, adapter, "),
+    ("lorra(q,v)", 0, "unknown method 'lorra'; did you mean 'lora'"),
     ("lora(q,vv)", 7, "target 'vv' matches no alias or module"),
     ("lora(querry)", 5, "did you mean 'query'? all "),
     ("lora(q, rank=4)", 8, "lora has no option 'rank'; did you mean 'r'? "
@@ -113,7 +113,8 @@ def test_select_is_a_dry_run(bert_graph):
     (selection,) = graftlib.select(bert_graph, "lora(q,v,layers=1)")
     assert [s.path for s in selection.sites] == ["encoder.layer.1.attention.self.query",
                                                   "encoder.layer.1.attention.self.value"]
-    assert "encoder.layer.1.attention.self.query  linear 32->32 (q)" in str(selection)
+    assert ["encoder.layer.1.attention.self.query", "linear", "32", "->", "32", "q", "1"] in \
+        [line.split() for line in str(selection).splitlines()]
     assert [n.format_node() for n in bert_graph.graph.nodes] == before
 
 

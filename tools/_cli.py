@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CliFailure", "one_line", "run_guarded", "named_base"]
+__all__ = ["CliFailure", "one_line", "run_guarded", "named_base", "output_problem"]
 
 
 class CliFailure(Exception):
@@ -61,3 +61,18 @@ def named_base(graft_dir: Path, meta: dict[str, Any], fix: str) -> tuple[Path, s
         if (candidate / "config.json").is_file():
             return candidate, base.get("class")
     raise CliFailure(f"{graft_dir} was grafted on {name!r}, which is not a local model directory: {fix}")
+
+
+def output_problem(path: Path, option: str = "output") -> str | None:
+    """Why a file cannot be written at `path` (checked before any work), or None: the path is a
+    directory, a parent is a file, or the nearest existing parent directory is not writable."""
+    if path.is_dir():
+        return f"{option} {path} is a directory: give a file name such as {path / 'model.onnx'}"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{option} {path}: {parent} is a file, not a directory; choose another path"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path}: cannot write in {parent} (permission denied); choose another path"
+    return None

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from graftlib.tools._cli import CliFailure, named_base, one_line, run_guarded
+from graftlib.tools._cli import CliFailure, named_base, one_line, output_problem, run_guarded
 
 __all__ = ["main", "default_model_dir", "build_parser"]
 
@@ -158,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tolerance is not None and not args.tolerance >= 0:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
-    if Path(args.output).is_dir():
-        parser.error(f"output {args.output} is a directory: give a file name such as {Path(args.output) / 'model.onnx'}")
+    output = Path(args.output)
+    for path, option in ((output, "output"), (output.with_name(output.name + ".data"), "external data file")):
+        problem = output_problem(path, option)
+        if problem:  # before minutes of loading and exporting
+            parser.error(problem)
     return run_guarded(PROG, args.debug, lambda: _run(args))
 
 
