@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
 from .errors import GraftError, GraftSpecError, near_names, require_eager
+from .guards import call_checked
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
@@ -368,7 +369,7 @@ class Grafted(nn.Module):
             variant = self._variant(inputs, unpadded)
             if variant is not self:
                 return variant(**inputs)
-        return self._runtime_pair()[1](**self._traced.graph_inputs(inputs))
+        return call_checked(self._runtime_pair()[1], self._traced.graph_inputs(inputs))  # misfit -> GraftError
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         signature = self._traced.signature
