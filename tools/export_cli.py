@@ -168,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tolerance is not None and not args.tolerance >= 0:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
     output = Path(args.output)
-    for path, option in ((output, "output"), (output.with_name(output.name + ".data"), "external data file")):
-        problem = output_problem(path, option)
-        if problem:  # before minutes of loading and exporting
-            parser.error(problem)
+    problem = output_problem(output, "output")  # before minutes of loading and exporting
+    if problem is None:
+        problem = output_problem(output.with_name(output.name + ".data"), "external data file")
+    if problem:
+        parser.error(problem)
     return run_guarded(PROG, args.debug, lambda: _run(args))
 
 
