@@ -122,7 +122,7 @@ def bench_apply(m: Models, reps: int) -> list[Row]:
     import graftlib
 
     model = m.build()
-    trace_t, apply_t, peft_t = [], [], []
+    trace_t, apply_t, peft_t, unverified_t = [], [], [], []
 
     def timed(times: list[float], fn: Callable[[], Any]) -> None:
         gc.collect()  # the previous result's reference cycles are freed here, not inside the next timing
@@ -133,11 +133,35 @@ def bench_apply(m: Models, reps: int) -> list[Row]:
     for _ in range(reps):
         timed(trace_t, lambda: graftlib.trace(model))
         timed(apply_t, lambda: graftlib.apply(model, "lora(q,v,r=16)"))
+        timed(unverified_t, lambda: graftlib.apply(model, "lora(q,v,r=16)", verify=False))
         fresh = copy.deepcopy(model)
         timed(peft_t, lambda: _peft(fresh, m.targets))
     med = lambda v: 1000 * statistics.median(v)  # noqa: E731
     return [Row("1 apply", f"{m.name} lora(q,v,r=16), dynamic dims", med(apply_t), med(peft_t),
-                note=f"trace alone {med(trace_t):.0f} ms")]
+                note=f"trace alone {med(trace_t):.0f} ms (verified), verify=False {med(unverified_t):.0f} ms")]
+
+
+def bench_apply_swin(quick: bool, reps: int) -> list[Row]:
+    """Swin (drop_path_rate 0.1): images keep static sizes, batch dynamic; then the eval graph's trace."""
+    import graftlib
+    import transformers as T
+
+    config = T.SwinConfig() if not quick else T.SwinConfig(image_size=32, patch_size=4, embed_dim=16,
+                                                           depths=[1, 1], num_heads=[2, 2], window_size=4)
+    model = T.SwinModel(config).train()
+    apply_t, eval_t = [], []
+    for _ in range(reps):
+        gc.collect()
+        start = time.perf_counter()
+        g = graftlib.apply(model, "lora(q,v,r=16)")
+        apply_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        g.eval()  # traces the eval-mode graph and replays the graft
+        eval_t.append(time.perf_counter() - start)
+    med = lambda v: 1000 * statistics.median(v)  # noqa: E731
+    name = "swin-tiny" if not quick else "swin (tiny config)"
+    return [Row("1 apply", f"{name} lora(q,v,r=16), train mode, batch dynamic", med(apply_t),
+                note=f"first eval() {med(eval_t):.0f} ms")]
 
 
 def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -446,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     jobs: list[tuple[str, Callable[[], list[Row]]]] = []
     for m in models:
-        jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))),
+        jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))
+                  + (bench_apply_swin(args.quick, max(3, reps // 5)) if m is models[0] else [])),
                  ("forward", lambda m=m: bench_forward(m, shapes, reps)),
                  ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2)))]
     jobs += [("compile", lambda: bench_compile_time(models[0], args.quick, max(1, reps // 5))

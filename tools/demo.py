@@ -46,23 +46,22 @@ __all__ = ["main", "build_parser", "run", "Demo", "SentenceClassifier", "load_re
 PROG = "graftlib-demo"
 DEFAULT_SPEC = "lora(q,v,r=16)"
 DEFAULT_OUT = "graftlib-demo-out"
+CLI_EXAMPLES = f"""examples:
+  {PROG}                                       # {DEFAULT_SPEC}, 100 steps, into ./{DEFAULT_OUT}
+  {PROG} --spec "adapter(ffn,m=32)" --steps 200 --out demo-adapter
+  {PROG} --model hf-encoder-dir --force        # another local encoder checkpoint
+"""
 LABELS = ("negative", "positive")
 EXAMPLES = (
     "An absolute delight from start to finish, I would happily watch it again tomorrow.",
     "The battery died after two days and customer support never answered my emails.",
 )
 MAX_LENGTH = 64
-HELP_EXAMPLES = f"""examples:
-  {PROG}
-      lora(q,v,r=16) on all-MiniLM-L6-v2, 100 steps, into ./{DEFAULT_OUT}
-  {PROG} --spec "adapter(ffn,m=32)" --steps 50 --out adapter-run
-  {PROG} --model HF_ENCODER_DIR --spec "lora(q,k,v,o,r=8)"
-
-afterwards (the saved adapter names its base model and head):
+AFTERWARDS = f"""
+The saved adapter names its base model and head, so both CLIs take it as is:
   graftlib-export --model {DEFAULT_OUT}/adapter --merge model.onnx
   graftlib-diff {DEFAULT_OUT}/adapter --format html -o diff.html
-  python: see the README, "Load the demo's model from Python"
-
+From Python: see the README, "Load the demo's model from Python".
 Exit codes: 0 ok, 1 failure (a short reason; GRAFTLIB_DEBUG=1 for the traceback), 2 usage."""
 #: every file the demo writes, relative to --out (the adapter directory holds g.save's files)
 ARTEFACTS = ("adapter/graft.json", "adapter/adapters.safetensors", "adapter/head.safetensors", "model.onnx",
@@ -85,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Graft, fine-tune, merge, export to ONNX (verified with onnxruntime) and diff a real "
-                    "pretrained sentence encoder on a bundled review set, offline on CPU.",
-        epilog=HELP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "pretrained sentence encoder on a bundled review set, offline on CPU.\n" + AFTERWARDS)
     parser.add_argument("--model", metavar="DIR",
                         help="a local Hugging Face encoder checkpoint (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--spec", default=DEFAULT_SPEC,
@@ -103,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true",
                         help="write into an existing non-empty --out, replacing the demo's own files")
+    parser.epilog, parser.formatter_class = CLI_EXAMPLES, argparse.RawDescriptionHelpFormatter
     return parser
 
 

@@ -18,23 +18,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from graftlib.tools._cli import CliFailure, base_model, builder_of, load_hf, one_line, output_problem, run_guarded
+from graftlib.tools._cli import (CliFailure, base_model, builder_of, load_hf, named_base, one_line, output_problem,
+                                 run_guarded)
 
 __all__ = ["main", "default_model_dir", "build_parser"]
 
 PROG = "graftlib-export"
 EXAMPLES = """examples:
-  graftlib-export --merge model.onnx
-      the bundled all-MiniLM-L6-v2 as is
-  graftlib-export --model graftlib-demo-out/adapter --merge model.onnx
-      the adapter graftlib-demo trained, on the model it was trained on (graft.json names it)
-  graftlib-export --model HF_DIR --adapter GRAFT_DIR --merge out.onnx
-      a saved graft (g.save) on top of a Hugging Face model directory
-  graftlib-export --model HF_DIR --spec "lora(q,v,r=8)" --static --no-verify out.onnx
-      graft fresh (untrained) adapters and export with fixed shapes
-
-Progress goes to stderr (one line per step when it is not a terminal); the summary to stdout.
-Exit codes: 0 ok, 1 failure (one line on stderr; --debug for the traceback), 2 usage."""
+  graftlib-export --merge model.onnx                         # the bundled MiniLM, no adapter
+  graftlib-export --model graft-dir --merge out.onnx         # a g.save() directory (it names its base)
+  graftlib-export --model graftlib-demo-out/adapter --merge model.onnx  # the adapter graftlib-demo trained
+  graftlib-export --model hf-dir --spec "lora(q,v)" out.onnx # graft on the fly, adapters as nodes
+  graftlib-export --model hf-dir --adapter graft-dir --static --no-verify out.onnx
+"""
 
 
 def default_model_dir() -> Path:
@@ -58,8 +54,10 @@ _one_line = one_line
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Export a (grafted) model to ONNX, verified against PyTorch with onnxruntime.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=PROG, description="Export a (grafted) model to ONNX, verified against PyTorch with onnxruntime.\n\n"
+                               "Progress goes to stderr (one line per step when it is not a terminal); the summary "
+                               "to stdout.\nExit codes: 0 ok, 1 failure (one line on stderr; --debug for the "
+                               "traceback), 2 usage.")
     parser.add_argument("output", help="the .onnx file to write (missing directories are created)")
     parser.add_argument("--model", metavar="DIR",
                         help="a Hugging Face model directory, or a saved graft directory (g.save) that names its "
@@ -79,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store weights in <output>.data (automatic above 1.5 GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--debug", action="store_true", help="show warnings and tracebacks")
+    parser.epilog, parser.formatter_class = EXAMPLES, argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -145,8 +144,12 @@ def _base(args: argparse.Namespace, grafts: list[tuple[Path, dict[str, Any]]], b
         _say(args, f"loading {base_dir}")
         return load_hf(base_dir), None
     graft_dir, meta = grafts[0]
-    _say(args, f"loading the base model of {graft_dir}")
     fix = f"pass --model BASE_DIR --adapter {graft_dir}"
+    if builder_of(meta) is None and base_dir is None:  # the Hugging Face model directory graft.json names
+        base_dir, class_name = named_base(graft_dir, meta, fix)
+        _say(args, f"loading {base_dir}")
+        return load_hf(base_dir, class_name), None
+    _say(args, f"loading the base model of {graft_dir}")
     return base_model(graft_dir, meta, base_dir, fix)
 
 
