@@ -315,3 +315,14 @@ def test_help_shows_examples() -> None:
         parser = (export_cli if module == "export_cli" else demo).build_parser()
         text = parser.format_help()
         assert "examples:" in text and example in text, text
+
+
+def test_diff_is_callable_after_a_plain_import() -> None:
+    """#23 item 4 as a newcomer types it: ``import graftlib`` then ``graftlib.diff(before, after)``."""
+    script = ("import torch, graftlib\n"
+              "net = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()\n"
+              "g = graftlib.apply(net, 'lora(\"0\")', example_inputs=(torch.randn(2, 4),))\n"
+              "print(graftlib.diff(net, g).sites[0].method)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "lora"
