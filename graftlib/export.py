@@ -141,20 +141,26 @@ def _shape(dims: list[int | str]) -> str:
 
 # -- progress -----------------------------------------------------------------------------------
 class _Steps:
-    """Timed steps, shown as a tqdm bar on stderr when `show`."""
+    """Timed steps on stderr when `show`: a tqdm line redrawn in place on a terminal; elsewhere (a log
+    file, a pipe, CI) one plain line per step, so a log holds no carriage-return fragments."""
 
     def __init__(self, show: bool, total: int):
         self.timings: dict[str, float] = {}
+        self.total, self.index = total, 0
         self._bar = None
-        if show:
+        self._lines = show and not _is_terminal(sys.stderr)
+        if show and not self._lines:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, file=sys.stderr, leave=False, bar_format="{desc} [{elapsed}]")
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        self.index += 1
         if self._bar is not None:
             self._bar.set_description_str(f"graftlib export: {name}")
+        elif self._lines:
+            print(f"graftlib export: [{self.index}/{self.total}] {name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             yield
@@ -166,6 +172,13 @@ class _Steps:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
 
 
 @contextmanager

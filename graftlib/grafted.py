@@ -29,7 +29,8 @@ import torch
 from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
-from .errors import GraftError, GraftSpecError, near_names, require_eager
+from .errors import GraftError, GraftSpecError, did_you_mean, near_names, require_eager
+from .guards import call_checked
 from .protocols import GraftRecord, named_spec, provide
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
@@ -275,7 +276,7 @@ class Grafted(nn.Module):
     def _check_names(self, names: Iterable[str]) -> None:
         for name in names:
             if name not in self.adapters:
-                raise GraftError(f"no adapter named {name!r}; adapters: {near_names(name, self.adapters)}")
+                raise GraftError(f"no adapter named {name!r}; {did_you_mean(name, self.adapters, 'adapters')}")
 
     def set_active(self, names: str | Iterable[str]) -> None:
         names = (names,) if isinstance(names, str) else tuple(names)
@@ -395,7 +396,7 @@ class Grafted(nn.Module):
 
     def _run(self, inputs: dict[str, Any]) -> Any:
         """Call this module's own graph (its context, current adapters)."""
-        return self._runtime_pair()[1](**self._traced.graph_inputs(inputs))
+        return call_checked(self._runtime_pair()[1], self._traced.graph_inputs(inputs))  # misfit -> GraftError
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         signature = self._traced.signature

@@ -11,15 +11,16 @@ from torch import fx, nn
 
 from .protocols import is_grafted
 from .registry import get_method
-from .select import Selection, SiteIndex
+from .select import Selections, SiteIndex
 from .spec import parse_spec
 from .trace import trace
 
 __all__ = ["select"]
 
 
-def select(model_or_graph: nn.Module | fx.GraphModule, spec: str, example_inputs: Any = None) -> list[Selection]:
-    """The sites each graft of ``spec`` would touch, without changing anything (a dry run)."""
+def select(model_or_graph: nn.Module | fx.GraphModule, spec: str, example_inputs: Any = None) -> Selections:
+    """The sites each graft of ``spec`` would touch, without changing anything (a dry run); prints as a
+    table per graft call."""
     if is_grafted(model_or_graph):
         gm = model_or_graph.base_graph_module
     elif isinstance(model_or_graph, fx.GraphModule):
@@ -27,7 +28,7 @@ def select(model_or_graph: nn.Module | fx.GraphModule, spec: str, example_inputs
     else:
         gm = trace(model_or_graph, example_inputs).graph_module
     index = SiteIndex.build(gm)
-    out = []
+    out = Selections()
     for call in parse_spec(spec):
         method = get_method(call)
         config = method.configure(call, index)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .errors import GraftSpecError, near_names
+from .errors import GraftSpecError, did_you_mean
 from .names import name_check
 from .safety import option_bound_problem, shorten
 from .spec import GraftCall
@@ -77,7 +77,8 @@ class Method:
         for key in call.options:
             if key not in schema:
                 raise call.option_error(
-                    key, f"{self.name} has no option {key!r}; valid: {near_names(key, schema)}")
+                    key, f"{self.name} has no option {key!r}; "
+                         f"{did_you_mean(key, schema, f'options of {self.name}')}")
         config: dict[str, Any] = {}
         for key, option in schema.items():
             value = call.options.get(key, option.default)
@@ -186,7 +187,7 @@ def get_method(call: GraftCall | str) -> Method:
     name = call.method if isinstance(call, GraftCall) else call
     table = methods()
     if name not in table:
-        message = f"unknown method {name!r}; available: {near_names(name, table)}"
+        message = f"unknown method {name!r}; {did_you_mean(name, table, 'methods')}"
         if isinstance(call, GraftCall):
             raise call.error(message)
         raise GraftSpecError(message)

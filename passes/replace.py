@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from graftlib.editor import Editor, graft_tag
-from graftlib.errors import GraftSpecError, near_names
+from graftlib.errors import GraftSpecError, did_you_mean
 from graftlib.peft import _graph_parameters, _module_params
 from graftlib.registry import Method, register
 from graftlib.safety import regex_call
@@ -54,7 +54,7 @@ class Replace(Method):
             hits = [m for m in modules if _module_match(target, m)]
             if not hits:
                 raise call.error(f"replace: {target.text!r} names no module with weights in this model; "
-                                 f"nearest: {near_names(target.text, modules)}", target.column)
+                                 f"{did_you_mean(target.text, modules, 'modules with weights')}", target.column)
             params = sorted({p for m in hits for p in _module_params(kinds, m)})
             buffers = [p for p in params if kinds[p] == "buffer"]
             if buffers:

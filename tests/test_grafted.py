@@ -144,7 +144,7 @@ def test_set_active_and_delete(bert):
         assert torch.equal(g(**inputs).last_hidden_state, only_a)
         g.set_active(["a"])
         assert not torch.equal(both, only_a)
-    with pytest.raises(graftlib.GraftError, match="no adapter named 'b'; adapters: a"):
+    with pytest.raises(graftlib.GraftError, match="no adapter named 'b'; all 1 adapters: a"):
         g.set_active("b")
     assert "b" not in g.store
 

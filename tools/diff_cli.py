@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from graftlib.tools._cli import CliFailure as _Failure
-from graftlib.tools._cli import named_base, run_guarded
-from graftlib.tools.export_cli import _load_hf, _read_graft
+from graftlib.tools._cli import base_model, run_guarded
+from graftlib.tools.export_cli import _read_graft
 
 __all__ = ["main", "build_parser"]
 
@@ -51,18 +51,9 @@ def _graft_diff(directory: Path, model_dir: str | None) -> Any:
     import graftlib
 
     meta = _read_graft(str(directory))
-    if model_dir is not None:
-        base_dir, class_name = Path(model_dir), (meta.get("base_model") or {}).get("class")
-        if not (base_dir / "config.json").is_file():
-            raise _Failure(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
-    else:
-        base_dir, class_name = _named_base(directory, meta)
-    grafted = graftlib.load(_load_hf(base_dir, class_name), directory)
-    return grafted.diff()
-
-
-def _named_base(graft_dir: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    return named_base(graft_dir, meta, f"pass it with {PROG} {graft_dir} --model BASE_DIR")
+    fix = f"pass it with {PROG} {directory} --model BASE_DIR"
+    base, example_inputs = base_model(directory, meta, None if model_dir is None else Path(model_dir), fix)
+    return graftlib.load(base, directory, example_inputs=example_inputs).diff()
 
 
 def _onnx_diff(before: Path, after: Path) -> Any:
