@@ -34,28 +34,55 @@ def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
     return [_walk_back(a.args[0].args[0]) if site.part else a for a in anchors]
 
 
-def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
-    """Module path -> (its sites, summed delta in the stored weight's layout)."""
-    deltas: dict[str, tuple[list[Site], torch.Tensor]] = {}
+def _bias_target(graph: fx.Graph, index: SiteIndex, site: Site) -> str | None:
+    """get_attr target of the bias the site's op adds (linear / conv2d args[2], Conv1D addmm args[0])."""
+    ops = site_ops(site, index.anchors.get(site.key, []))
+    if not ops:
+        return None
+    op = ops[0]
+    position = 0 if op.target == aten.addmm.default else 2
+    bias = op.args[position] if len(op.args) > position else None
+    return str(bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+
+
+def _span_of(full: torch.Tensor, site: Site, columns: bool) -> torch.Tensor:
+    if site.span is None:
+        return full
+    lo, hi = site.span
+    return full[:, lo:hi] if columns else full[lo:hi]
+
+
+def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex
+                   ) -> dict[str, tuple[list[Site], torch.Tensor, tuple[str, torch.Tensor] | None]]:
+    """Module path -> (its sites, summed weight delta in the stored layout, (bias target, bias delta) or None).
+
+    Each method sees the weight (and bias) with the earlier adapters' deltas already in, in record order."""
+    deltas: dict[str, tuple[list[Site], torch.Tensor, tuple[str, torch.Tensor] | None]] = {}
     for name in names:
         record = grafted.adapters[name]
         method = get_method(record.method)
         tensors = grafted.store.tensors(name)
         for key in record.sites:
             site = index.by_key(key)
-            delta = method.delta(site, tensors[key], record.config)
             weight = weight_value(grafted.graph_module, site.weight)
-            sites, full = deltas.get(site.path, ([], torch.zeros_like(weight)))
-            if site.span is None:
-                full += delta
-            elif site.kind == "conv1d":
-                full[:, site.span[0]:site.span[1]] += delta
-            else:
-                full[site.span[0]:site.span[1]] += delta
-            if not torch.isfinite(delta).all() or not torch.isfinite(weight.detach() + full).all():
+            sites, full, bias_entry = deltas.get(site.path, ([], torch.zeros_like(weight), None))
+            bias_name = _bias_target(grafted.graph, index, site)
+            if bias_name is not None and bias_entry is None:
+                bias_entry = (bias_name, torch.zeros_like(weight_value(grafted.graph_module, bias_name)))
+            bias_now = None
+            if bias_entry is not None:
+                bias_now = _span_of(weight_value(grafted.graph_module, bias_entry[0]).detach() + bias_entry[1],
+                                    site, False)
+            weight_now = _span_of(weight.detach() + full, site, site.kind == "conv1d")
+            delta, bias_delta = method.merge_deltas(site, tensors[key], record.config, weight_now, bias_now)
+            _span_of(full, site, site.kind == "conv1d").add_(delta)
+            if bias_delta is not None:
+                _span_of(bias_entry[1], site, False).add_(bias_delta)
+            if not torch.isfinite(delta).all() or not torch.isfinite(weight.detach() + full).all() or \
+                    (bias_delta is not None and not torch.isfinite(bias_delta).all()):
                 raise GraftError(f"merging adapter {name!r} into {key} gives non-finite weights; "
                                  "nothing was merged (check the adapter's parameters for inf/nan)")
-            deltas[site.path] = (sites + [site], full)
+            deltas[site.path] = (sites + [site], full, bias_entry)
     return deltas
 
 
@@ -82,7 +109,7 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
     index = SiteIndex.build(grafted.graph_module)
     deltas = _weight_deltas(grafted, names, index)
     if inplace:
-        for path, (sites, _) in deltas.items():
+        for path, (sites, _, _) in deltas.items():
             ops = _site_group_ops(grafted.graph, index, sites)
             if _shared_elsewhere(grafted.graph, sites[0].weight, ops):
                 raise GraftError(f"cannot merge in place into {path}: its weight {sites[0].weight} is tied to "
@@ -91,9 +118,11 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
     graph = target.graph
     gm = target.graph_module
     with torch.no_grad():
-        for path, (sites, delta) in deltas.items():
+        for path, (sites, delta, bias_entry) in deltas.items():
             weight_name = sites[0].weight
             weight = weight_value(gm, weight_name)
+            if bias_entry is not None and bias_entry[1].any():
+                _merge_bias(gm, bias_entry, inplace)
             if inplace:
                 weight.add_(delta)
                 continue
@@ -123,6 +152,17 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
         target._merged_from = (grafted, tuple(names))
     target._finish()
     return target
+
+
+def _merge_bias(gm: fx.GraphModule, bias_entry: tuple[str, torch.Tensor], inplace: bool) -> None:
+    """A bias change (IA3 on an output): in place, or as a new parameter of the derived module."""
+    name, delta = bias_entry
+    bias = weight_value(gm, name)
+    if inplace:
+        bias.add_(delta)
+        return
+    owner, _, leaf = name.rpartition(".")
+    _ensure_module(gm, owner)._parameters[leaf] = nn.Parameter(bias.detach() + delta, requires_grad=False)
 
 
 def _anchors_in(graph: fx.Graph, index: SiteIndex) -> dict[str, list[fx.Node]]:
