@@ -32,7 +32,9 @@ parameters stand in for the module's own at every read of the weight (a join, so
 and merging behave like any graft; ``merge`` keeps it as nodes). Activate both names to get the PEFT
 model (``from_peft`` activates both); ``save_peft(g, dir, "<adapter>")`` writes both.
 
-Refused with "not supported: X" (never loaded as a different model): DoRA, ``lora_bias``, ``bias`` other
+DoRA (``use_dora``): ``lora(..., dora=true)`` with the ``lora_magnitude_vector`` per site (passes/dora.py).
+
+Refused with "not supported: X" (never loaded as a different model): ``lora_bias``, ``bias`` other
 than "none", initialisations that rewrite the base weights at load (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA,
 MiCA), layer replication, target parameters, trainable tokens, aLoRA, QALoRA, LoRA variants, unknown
 non-empty options, LoRA on dilated or (non block-diagonal) grouped convolutions, and pickled
@@ -65,6 +67,16 @@ from .select import Selection, SiteIndex
 from .sites import Site, weight_value
 from .spec import GraftCall, parse_spec
 
+
+def peft_magnitudes(config: Mapping[str, Any], chosen: Mapping[str, Site], by_path: Mapping[str, Any],
+                    source: str) -> dict[str, torch.Tensor]:
+    """DoRA magnitudes of a LoRA checkpoint (none without use_dora); the conversion lives in the pass."""
+    return importlib.import_module("graftlib.passes.dora").peft_import_magnitudes(config, chosen, by_path, source)
+
+
+def peft_magnitude_state(grafted: "Grafted", record: "GraftRecord", index: SiteIndex) -> dict[str, torch.Tensor]:
+    return importlib.import_module("graftlib.passes.dora").peft_export_magnitudes(grafted, record, index, PREFIX)
+
 if TYPE_CHECKING:
     from .grafted import Grafted, GraftRecord
 
@@ -82,17 +94,17 @@ LORA_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
 #: PEFT type -> pass module under graftlib.passes with peft_import / peft_export
 PASS_TYPES = {"ADALORA": "adalora", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
-              "PREFIX_TUNING": "prefix"}
+              "PREFIX_TUNING": "prefix", "IA3": "ia3", "VERA": "vera"}
 #: graftlib method -> its pass module (for save_peft)
 PASS_METHODS = {"adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
-                "ptuning_v2": "prefix"}
+                "ptuning_v2": "prefix", "ia3": "ia3", "vera": "vera"}
 
 # LoRA options: handled here, or metadata that does not change the model
 _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                  "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules",
                  "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
                  "alpha_pattern", "modules_to_save", "use_rslora", "fan_in_fan_out", "bias",
-                 "init_lora_weights", "megatron_core", "qalora_group_size", "runtime_config",
+                 "init_lora_weights", "megatron_core", "use_dora", "qalora_group_size", "runtime_config",
                  "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
 _SAFE_INITS = (True, False, "gaussian", "orthogonal", "eva")
@@ -387,7 +399,8 @@ class _Plan:
                 self.tensors[f"{adapter}/{holders[0].site_key}/{pname}"] = tensor
 
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                       r"|lora_magnitude_vector)")
 
 
 def _strip_prefix(key: str) -> str | None:
@@ -420,8 +433,7 @@ def _lora_plan(grafted: "Grafted", index: SiteIndex, config: dict[str, Any],
         rest = _strip_prefix(key) if key.startswith(PREFIX) else None
         match = _LORA_KEY.fullmatch(rest) if rest is not None else None
         if match is None:
-            what = ("DoRA magnitude" if "lora_magnitude_vector" in key else
-                    "a LoRA bias" if ".lora_B.bias" in key else "not a LoRA tensor of this model")
+            what = "a LoRA bias" if ".lora_B.bias" in key else "not a LoRA tensor of this model"
             raise LoadError(f"{source}: unexpected tensor {key!r} ({what}); the checkpoint does not match "
                             "its config or this model")
         param = match.group("param").split(".")[0]
@@ -445,7 +457,11 @@ def _lora_plan(grafted: "Grafted", index: SiteIndex, config: dict[str, Any],
     for path, site in chosen.items():
         r, alpha = _site_rank_alpha(config, path)
         entries[path] = (site, r, alpha, *_site_tensors(site, by_path.get(path, {}), r, source))
-    return _lora_spec(entries, config, rslora, adapter)
+    magnitudes = peft_magnitudes(config, chosen, by_path, source)  # DoRA (passes/dora.py); {} without
+    spec, tensors, extras = _lora_spec(entries, config, rslora, adapter)
+    for path, magnitude in magnitudes.items():
+        tensors[chosen[path].key]["lora_magnitude_vector"] = magnitude
+    return (spec[:-1] + ", dora=true)" if config.get("use_dora") else spec), tensors, extras
 
 
 def _site_tensors(site: Site, found: Mapping[str, tuple[str, torch.Tensor]], r: int,
@@ -804,7 +820,8 @@ def _lora_config(grafted: "Grafted", record: "GraftRecord", outputs: list[_Out],
             not peft_target_match(original, s.path) or s.path in paths
             for s in index.sites if s.kind in LORA_KINDS and not s.part)
         same_ranks = all(_site_rank_alpha(original, o.site.path) == (o.r, o.alpha) for o in outputs)
-        if same_sites and same_ranks and bool(original.get("use_rslora")) == rslora:
+        if same_sites and same_ranks and bool(original.get("use_rslora")) == rslora and \
+                bool(original.get("use_dora")) == bool(record.config.get("dora")):
             return dict(original)
     r = Counter(o.r for o in outputs).most_common(1)[0][0]
     alpha = Counter(o.alpha for o in outputs if o.r == r).most_common(1)[0][0]
@@ -821,7 +838,7 @@ def _lora_config(grafted: "Grafted", record: "GraftRecord", outputs: list[_Out],
         "fan_in_fan_out": any(o.site.kind == "conv1d" for o in outputs), "bias": "none",
         "use_rslora": rslora, "modules_to_save": None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "use_dora": False, "lora_bias": False,
+        "alpha_pattern": alpha_pattern, "use_dora": bool(record.config.get("dora")), "lora_bias": False,
     }
 
 
@@ -836,6 +853,8 @@ def _export_lora(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, A
             names = ("lora_A.weight", "lora_B.weight")
         state[f"{PREFIX}{out.site.path}.{names[0]}"] = out.a
         state[f"{PREFIX}{out.site.path}.{names[1]}"] = out.b
+    if record.config.get("dora"):
+        state.update(peft_magnitude_state(grafted, record, index))  # passes/dora.py
     return _lora_config(grafted, record, outputs, index), state
 
 

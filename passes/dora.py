@@ -165,3 +165,47 @@ def _join_with_dropout(editor: Editor, site: Site, base: Any, weight: Any, k: An
         mag = call(aten.linear.default, x, w_scaled)
         lora = call(aten.linear.default, low, b_eff)
     editor.join(base, aten.add.Tensor, base, call(aten.add.Tensor, mag, lora))
+
+
+# -- PEFT checkpoints (graftlib/peft.py's LoRA conversion calls these) ---------------------------------
+def _peft_shape(site: Site) -> tuple[int, ...]:
+    return (1, site.out_features, 1, 1) if site.kind == "conv2d" else (site.out_features,)
+
+
+def peft_import_magnitudes(config: Any, chosen: Any, by_path: Any, source: str) -> dict[str, torch.Tensor]:
+    """``{module path: m (out,)}`` from PEFT's ``<path>.lora_magnitude_vector`` (conv: (1, out, 1, 1))."""
+    from graftlib.errors import LoadError
+
+    found = {path: params["lora_magnitude_vector"] for path, params in by_path.items()
+             if "lora_magnitude_vector" in params}
+    if not config.get("use_dora"):
+        if found:
+            key = next(iter(found.values()))[0]
+            raise LoadError(f"{source}: unexpected tensor {key!r} (a DoRA magnitude) in a checkpoint whose config "
+                            "has use_dora=false; the checkpoint does not match its config")
+        return {}
+    magnitudes = {}
+    for path, site in chosen.items():
+        key = f"base_model.model.{path}.lora_magnitude_vector"
+        if site.kind == "conv2d" and site.conv["groups"] > 1:
+            raise LoadError(f"{source}: not supported: DoRA on the grouped convolution {path}")
+        if path not in found:
+            raise LoadError(f"{source}: tensor {key!r} is missing (expected shape {_peft_shape(site)}); the config "
+                            "has use_dora=true")
+        tensor = found[path][1]
+        if tuple(tensor.shape) != _peft_shape(site):
+            raise LoadError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but {path} needs "
+                            f"{_peft_shape(site)}; was the adapter saved from another base model?")
+        magnitudes[path] = tensor.reshape(site.out_features)
+    return magnitudes
+
+
+def peft_export_magnitudes(grafted: Any, record: Any, index: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """PEFT's ``lora_magnitude_vector`` keys for a ``lora(..., dora=true)`` graft."""
+    tensors = grafted.store.tensors(record.adapter)
+    state = {}
+    for key in record.sites:
+        site = index.by_key(key)
+        state[f"{prefix}{site.path}.lora_magnitude_vector"] = \
+            tensors[key]["lora_magnitude_vector"].detach().reshape(_peft_shape(site))
+    return state
