@@ -139,3 +139,83 @@ def test_native_graft_is_base_at_init_loads_in_peft_equal_and_merges(case, tmp_p
     assert merged.op_histogram() == op_histogram(specialise(g.base_graph, (), False))
     with torch.no_grad():
         assert torch.equal(_first(model(**inputs)), base)  # the user's model is untouched
+
+
+# -- ONNX and the diff -------------------------------------------------------------------------------
+def test_onnx_export_verified_and_diff_shows_each_method(tmp_path):
+    spec = "lora(q,r=2,dora=true,name=d) + ia3(k,down,name=i) + vera(v,r=4,name=w)"
+    g, inputs, _ = _apply("bert", spec)
+    _randomise(g.trainable_parameters().values())
+    d = g.diff()
+    for name, method in (("d", "lora"), ("i", "ia3"), ("w", "vera")):
+        shown = {s.site for s in d.sites if s.adapter == name}
+        assert shown == set(g.sites(name)) and len(shown) in (2, 4)
+        assert all(s.method == method and s.inserted for s in d.sites if s.adapter == name)
+    report = graftlib.export_onnx(g, tmp_path / "m.onnx", merge=True, progress=False)
+    assert sorted(report.merged) == ["d", "i", "w"] and 0 <= max(report.max_abs_diff.values()) < 1e-4
+    unmerged = graftlib.export_onnx(g, tmp_path / "u.onnx", merge=False, progress=False)
+    assert sorted(unmerged.kept) == ["d", "i", "w"] and 0 <= max(unmerged.max_abs_diff.values()) < 1e-4
+
+
+# -- DoRA specifics --------------------------------------------------------------------------------
+def test_dora_eval_cache_follows_parameter_changes():
+    g, inputs, _ = _apply("llama", "lora(q,v,r=2,dora=true)")
+    _randomise(g.trainable_parameters().values())
+    first = _run(g, inputs)
+    assert torch.equal(_run(g, inputs), first)
+    calls = [n for n in g.runtime_module().graph.nodes if n.op == "call_module" and "graft_cache" in str(n.target)]
+    assert len(calls) == 4  # one cached group per site
+    params = g.trainable_parameters()
+    with torch.no_grad():  # an optimiser-style in-place update of B and of m: the cache must notice both
+        next(p for n, p in params.items() if n.endswith("lora_B")).mul_(2)
+        changed = _run(g, inputs)
+        next(p for n, p in params.items() if n.endswith("lora_magnitude_vector")).add_(0.5)
+        changed_m = _run(g, inputs)
+    g.train()  # the training graph recomputes the norm each call: the reference
+    with torch.no_grad():
+        assert (_first(g(**inputs)) - changed_m).abs().max().item() < TOL
+    g.eval()
+    assert (changed - first).abs().max().item() > 1e-4 and (changed_m - changed).abs().max().item() > 1e-4
+
+
+def test_dora_gradients_match_peft():
+    model, inputs = build("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    _randomise(_peft_adapter_params(peft_model))
+    directory = Path(tempfile.mkdtemp(prefix="dora-grad-", dir=_ROOT.name))
+    peft_model.save_pretrained(directory)
+    g = graftlib.from_peft(build("llama")[0], directory).train()
+    peft_model.train()
+    _first(peft_model(**inputs)).pow(2).mean().backward()
+    _first(g(**inputs)).pow(2).mean().backward()
+    theirs = dict(peft_model.named_parameters())
+    got = _grads_as_peft(g)
+    assert len(got) == 12  # A, B, m at 4 sites
+    for key, grad in got.items():
+        want = theirs[key].grad
+        assert want.abs().max() > 0 and (grad.reshape(want.shape) - want).abs().max().item() < 1e-5, key
+
+
+def _grads_as_peft(g) -> dict:
+    from graftlib.select import SiteIndex
+
+    index = SiteIndex.build(g.base_graph_module)
+    names = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
+             "lora_magnitude_vector": "lora_magnitude_vector.default.weight"}
+    out = {}
+    for key, params in g.store["default"].items():
+        site = index.by_key(params.site_key)
+        for pname, param in params.named_parameters():
+            out[f"base_model.model.{site.path}.{names[pname]}"] = param.grad
+    return out
+
+
+def test_dora_refuses_what_it_cannot_represent():
+    model, _ = build("gpt2")
+    with pytest.raises(graftlib.GraftSpecError, match="slice of a fused projection"):
+        graftlib.apply(model, "lora(q,v,dora=true)")
+    g, inputs, _ = _apply("bert", "lora(q,v,r=2,dora=true,name=d) + lora(q,v,r=2,name=p)")
+    with pytest.raises(graftlib.GraftError, match="DoRA"):
+        g(**inputs, adapter_names=["d", "p"])
+    with pytest.raises(graftlib.GraftError, match="DoRA"):
+        g.combine({"d": 0.5, "p": 0.5})
