@@ -5,18 +5,19 @@
 """
 from __future__ import annotations
 
+from . import diff  # the package is callable: graftlib.diff(before, after) -> GraphDiff
 from .errors import GraftError, GraftSpecError, LoadError, TraceError
 from .export import export_onnx
 from .grafted import Grafted, GraftRecord, apply
 from .io import load, save
-from .peft import from_peft, save_peft  # also registers replace(...), which PEFT's modules_to_save load as
-from .select import select
+from .peft import from_peft, save_peft
+from .preview import select
 from .spec import parse_spec
 from .trace import Traced, example_inputs_for, trace
 
 __all__ = [
     "apply", "trace", "select", "load", "save", "parse_spec", "example_inputs_for", "from_peft", "save_peft",
-    "export_onnx",
+    "export_onnx", "diff",
     "Grafted", "GraftRecord", "Traced",
     "GraftError", "GraftSpecError", "LoadError", "TraceError",
 ]

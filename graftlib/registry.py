@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .errors import GraftSpecError, near_names
+from .errors import GraftSpecError, did_you_mean
+from .names import name_check
+from .safety import option_bound_problem, shorten
 from .spec import GraftCall
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ def in_range(lo: float, hi: float, hi_open: bool = True) -> Callable[[Any], str 
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "name": Option("default", (str,), help="adapter name"),
+    "name": Option("default", (str,), check=name_check, help="adapter name ([A-Za-z_][A-Za-z0-9_-]{0,63})"),
     "layers": Option(None, (int, tuple), help="layer indices: 3, 0-5 or [0,2,4]"),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a name or string",
@@ -62,6 +64,12 @@ class Method:
     options: ClassVar[dict[str, Option]] = {}
     mergeable: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = True
+    #: True for rewrites of the base model itself (quantisation): no joins, kept when adapters are
+    #: disabled, not deletable; their nodes that stand for a weight are tagged ``role="weight"``.
+    base_rewrite: ClassVar[bool] = False
+    #: False when the adapter's tensors are derived from the base weights (quantised weights): a save
+    #: leaves them out and a load rebuilds them from the model.
+    saves_tensors: ClassVar[bool] = True
 
     # -- configure -----------------------------------------------------------------------------
     def configure(self, call: GraftCall, index: "SiteIndex | None" = None) -> dict[str, Any]:
@@ -69,7 +77,8 @@ class Method:
         for key in call.options:
             if key not in schema:
                 raise call.option_error(
-                    key, f"{self.name} has no option {key!r}; valid: {near_names(key, schema)}")
+                    key, f"{self.name} has no option {key!r}; "
+                         f"{did_you_mean(key, schema, f'options of {self.name}')}")
         config: dict[str, Any] = {}
         for key, option in schema.items():
             value = call.options.get(key, option.default)
@@ -109,6 +118,9 @@ class Method:
             problem = option.check(value)
             if problem:
                 raise call.option_error(key, f"{key}={value!r} {problem}")
+        bound = option_bound_problem(key, value)  # after the method's own check: its message comes first
+        if bound:
+            raise call.option_error(key, f"{key}={shorten(repr(value), 60)} {bound}")
         return value
 
     def validate(self, call: GraftCall, config: dict[str, Any]) -> None:
@@ -143,12 +155,14 @@ class Method:
                      weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight change, bias change or None) given the site's current weight and bias (its ``span``
         slice; bias None when the op has none). Multiplicative methods (DoRA, IA3) override this; the
-        default is the additive ``delta``."""
-        return self.delta(site, params, config), None
+        default is the additive ``delta`` (which reads the weight where ``delta_reads_weight``: OFT)."""
+        reads = {"weight": weight} if getattr(self, "delta_reads_weight", False) else {}
+        return self.delta(site, params, config, **reads), None
 
 
 _METHODS: dict[str, Method] = {}
-_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "ia3", "vera")
+_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize",
+                 "loha", "lokr", "oft", "ia3", "vera")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -181,7 +195,7 @@ def get_method(call: GraftCall | str) -> Method:
     name = call.method if isinstance(call, GraftCall) else call
     table = methods()
     if name not in table:
-        message = f"unknown method {name!r}; available: {near_names(name, table)}"
+        message = f"unknown method {name!r}; {did_you_mean(name, table, 'methods')}"
         if isinstance(call, GraftCall):
             raise call.error(message)
         raise GraftSpecError(message)

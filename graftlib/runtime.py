@@ -16,6 +16,7 @@ from torch import fx
 
 from .cache import hoist_cached
 from .editor import graft_tag, is_join
+from .quiet import torch_internals
 
 __all__ = ["copy_graph", "specialise", "build_module", "flat_module", "op_histogram", "eliminate_dead_code"]
 
@@ -28,7 +29,8 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph(owning_module=graph.owning_module)
     output = new.graph_copy(graph, {})
     new.output(output)
-    new._codegen = copy.deepcopy(graph._codegen)
+    with torch_internals():  # torch 2.13's LeafSpec FutureWarning, raised by deep-copying the pytree specs
+        new._codegen = copy.deepcopy(graph._codegen)
     return new
 
 

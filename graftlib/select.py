@@ -14,13 +14,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import fx
 
-from .errors import near_names
+from .errors import GraftSpecError, did_you_mean
+from .safety import BoundedRegex
 from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
-from .spec import GraftCall, Target, parse_spec
+from .spec import GraftCall, Target
 
-__all__ = ["ALIASES", "SiteIndex", "Selection", "select", "resolve_targets"]
+__all__ = ["ALIASES", "SiteIndex", "Selection", "Selections", "format_table", "resolve_targets"]
 
 _ROLE_PATTERNS: dict[str, list[str]] = {
     "q": [r"(^|\.)(query|q_proj|q_lin|q|to_q|query_proj)$"],
@@ -109,12 +110,39 @@ class Selection:
     matched: dict[str, list[str]]  # target text -> site keys
 
     def __str__(self) -> str:
-        lines = [f"{self.call.text}: {len(self.sites)} site(s)"]
-        lines += [f"  {site.describe()}" for site in self.sites]
-        return "\n".join(lines)
+        return format_table(self)
+
+    def __repr__(self) -> str:
+        return f"<Selection {self.call.text}: {_count(len(self.sites))}>"
 
     def __len__(self) -> int:
         return len(self.sites)
+
+
+class Selections(list):
+    """What ``select`` returns: a list of :class:`Selection`, one per graft call, that prints as tables."""
+
+    def __str__(self) -> str:
+        return "\n\n".join(format_table(selection) for selection in self)
+
+    __repr__ = __str__
+
+
+def _count(n: int) -> str:
+    return f"{n} site{'' if n == 1 else 's'}"
+
+
+def format_table(selection: Selection) -> str:
+    """The sites of one call as an aligned table: site, kind, in -> out features, role, layer."""
+    header = ("site", "kind", "in -> out", "role", "layer")
+    rows = [(site.key, site.kind, f"{site.in_features} -> {site.out_features}", site.role or "-",
+             "-" if site.layer is None else str(site.layer)) for site in selection.sites]
+    title = f"{selection.call.text}: {_count(len(rows))}"
+    if not rows:
+        return title
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join([title, *("  " + line for line in lines)])
 
 
 def _alias_sites(alias: str, sites: Sequence[Site], kinds: Iterable[str]) -> list[Site]:
@@ -141,7 +169,7 @@ def _pattern_sites(target: Target, sites: Sequence[Site]) -> list[Site]:
     # A slice of a fused projection is named by its key only (h.0.attn.c_attn[q]): its bare path
     # names the whole projection, a site of its own, so "c_attn" must not graft it four times.
     if target.kind == "regex":
-        pattern = re.compile(target.text)
+        pattern = BoundedRegex(target.text, "regular expression", GraftSpecError)  # time-bounded
         return [s for s in sites if pattern.fullmatch(s.key)]
     if target.kind == "glob":
         return [s for s in sites if fnmatch.fnmatchcase(s.key, target.text)]
@@ -168,12 +196,13 @@ def resolve_targets(call: GraftCall, index: SiteIndex, kinds: Iterable[str],
         else:
             hits = _pattern_sites(target, candidates)
             if not hits:
-                names = list(ALIASES) + [s.path for s in candidates] + [s.path.rsplit(".", 1)[-1] for s in candidates]
+                leaves = sorted({s.path.rsplit(".", 1)[-1] for s in candidates})
+                names = list(ALIASES) + [s.path for s in candidates] + leaves
                 what = "alias or module" if target.kind == "name" else "module"
+                hint = did_you_mean(target.text, names, "aliases and module names", listed=list(ALIASES) + leaves)
                 raise call.error(
                     f"target {target.text!r} matches no {what} that {call.method} can graft "
-                    f"({'/'.join(kinds)}); nearest: {near_names(target.text, names)}",
-                    target.column)
+                    f"({'/'.join(kinds)}); {hint}", target.column)
         matched[target.text] = [s.key for s in hits]
         for site in hits:
             chosen.setdefault(site.key, site)
@@ -181,24 +210,3 @@ def resolve_targets(call: GraftCall, index: SiteIndex, kinds: Iterable[str],
     if layers is not None:
         sites = [s for s in sites if s.layer in set(layers)]
     return Selection(call, sites, matched)
-
-
-def select(model_or_graph: nn.Module | fx.GraphModule, spec: str, example_inputs=None) -> list[Selection]:
-    """The sites each graft of ``spec`` would touch, without changing anything (a dry run)."""
-    from .grafted import Grafted
-    from .registry import get_method
-    from .trace import trace
-
-    if isinstance(model_or_graph, Grafted):
-        gm = model_or_graph.base_graph_module
-    elif isinstance(model_or_graph, fx.GraphModule):
-        gm = model_or_graph
-    else:
-        gm = trace(model_or_graph, example_inputs).graph_module
-    index = SiteIndex.build(gm)
-    out = []
-    for call in parse_spec(spec):
-        method = get_method(call)
-        config = method.configure(call, index)
-        out.append(method.select(call, index, config))
-    return out

@@ -190,7 +190,7 @@ def _as_graft_shapes(tensors: dict[str, dict[str, torch.Tensor]], config: dict[s
 
 def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One IA3 adapter as PEFT's adapter_config dict and tensors."""
-    from graftlib.peft import _target_modules
+    from graftlib.passes.lora_peft import _target_modules
     from graftlib.select import SiteIndex
 
     index = SiteIndex.build(grafted.base_graph_module)

@@ -193,7 +193,7 @@ def _shared_from(state: dict[str, torch.Tensor], config: dict[str, Any], r: int,
 
 def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One VeRA adapter as PEFT's adapter_config dict and tensors (A / B at the shared size if saved)."""
-    from graftlib.peft import _target_modules
+    from graftlib.passes.lora_peft import _target_modules
 
     config = record.config
     index = SiteIndex.build(grafted.base_graph_module)

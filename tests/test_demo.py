@@ -109,7 +109,7 @@ def test_saved_adapter_and_head_reload_to_the_onnx_logits(minilm_run: tuple, min
     out, summary, _ = minilm_run
     tokenizer, encoder = minilm
     classifier = demo.SentenceClassifier(encoder)
-    head = load_file(str(out / "head.safetensors"))
+    head = load_file(str(out / "adapter" / "head.safetensors"))
     classifier.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
     batch = demo.encode(tokenizer, demo.EXAMPLES + ("Mediocre.",))
     g = graftlib.load(classifier, out / "adapter", example_inputs=batch).eval()
@@ -179,7 +179,7 @@ def test_model_option_is_deterministic_and_force_keeps_other_files(tiny_checkpoi
     figures = ("accuracy_before", "accuracy_after", "train_loss_before", "train_loss_after", "examples",
                "adapter_parameters", "merge_max_abs_diff")
     assert {k: a[k] for k in figures} == {k: b[k] for k in figures}
-    for name in ("adapter/adapters.safetensors", "head.safetensors"):
+    for name in ("adapter/adapters.safetensors", "adapter/head.safetensors"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     assert a["onnx"]["verified"] and a["onnx"]["max_abs_diff"] <= ONNX_TOLERANCE
     assert (second / "notes.txt").read_text() == "mine"

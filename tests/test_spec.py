@@ -75,10 +75,11 @@ def bert_graph():
 
 
 SEMANTIC_ERRORS = [
-    ("lorra(q,v)", 0, "unknown method 'lorra'; available: lora"),
+    ("lorra(q,v)", 0, "unknown method 'lorra'; did you mean 'lora'"),
     ("lora(q,vv)", 7, "target 'vv' matches no alias or module"),
-    ("lora(querry)", 5, "nearest: query"),
-    ("lora(q, rank=4)", 8, "lora has no option 'rank'; valid: r"),
+    ("lora(querry)", 5, "did you mean 'query'? all "),
+    ("lora(q, rank=4)", 8, "lora has no option 'rank'; did you mean 'r'? "
+                           "all 6 options of lora: alpha, dropout, layers, name, r, rslora"),
     ("lora(q, r=0)", 8, "r=0 must be > 0"),
     ("lora(q, r=-2)", 8, "r=-2 must be > 0"),
     ("lora(q, alpha=0)", 8, "alpha=0.0 must be > 0"),
@@ -112,7 +113,8 @@ def test_select_is_a_dry_run(bert_graph):
     (selection,) = graftlib.select(bert_graph, "lora(q,v,layers=1)")
     assert [s.path for s in selection.sites] == ["encoder.layer.1.attention.self.query",
                                                   "encoder.layer.1.attention.self.value"]
-    assert "encoder.layer.1.attention.self.query  linear 32->32 (q)" in str(selection)
+    assert ["encoder.layer.1.attention.self.query", "linear", "32", "->", "32", "q", "1"] in \
+        [line.split() for line in str(selection).splitlines()]
     assert [n.format_node() for n in bert_graph.graph.nodes] == before
 
 

@@ -40,20 +40,35 @@ from torch import nn
 
 from graftlib.export import format_size
 
-__all__ = ["main", "build_parser", "run", "Demo", "SentenceClassifier", "load_reviews", "batch_order", "ARTEFACTS"]
+__all__ = ["main", "build_parser", "run", "Demo", "SentenceClassifier", "load_reviews", "batch_order", "ARTEFACTS",
+           "rebuild"]
 
 PROG = "graftlib-demo"
 DEFAULT_SPEC = "lora(q,v,r=16)"
 DEFAULT_OUT = "graftlib-demo-out"
+CLI_EXAMPLES = f"""examples:
+  {PROG}                                       # {DEFAULT_SPEC}, 100 steps, into ./{DEFAULT_OUT}
+  {PROG} --spec "adapter(ffn,m=32)" --steps 200 --out demo-adapter
+  {PROG} --model hf-encoder-dir --force        # another local encoder checkpoint
+"""
 LABELS = ("negative", "positive")
 EXAMPLES = (
     "An absolute delight from start to finish, I would happily watch it again tomorrow.",
     "The battery died after two days and customer support never answered my emails.",
 )
 MAX_LENGTH = 64
+AFTERWARDS = f"""
+The saved adapter names its base model and head, so both CLIs take it as is:
+  graftlib-export --model {DEFAULT_OUT}/adapter --merge model.onnx
+  graftlib-diff {DEFAULT_OUT}/adapter --format html -o diff.html
+From Python: see the README, "Load the demo's model from Python".
+Exit codes: 0 ok, 1 failure (a short reason; GRAFTLIB_DEBUG=1 for the traceback), 2 usage."""
 #: every file the demo writes, relative to --out (the adapter directory holds g.save's files)
-ARTEFACTS = ("adapter/graft.json", "adapter/adapters.safetensors", "head.safetensors", "model.onnx",
+ARTEFACTS = ("adapter/graft.json", "adapter/adapters.safetensors", "adapter/head.safetensors", "model.onnx",
              "diff.html", "diff.txt", "summary.json")
+#: graft.json's base_model "builder" for the demo's classifier, which graftlib-export / graftlib-diff rebuild
+BUILDER = "graftlib-demo"
+HEAD_FILE = "head.safetensors"   # in the adapter directory: the trained head the saved graft sits on
 
 
 class DemoError(Exception):
@@ -69,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Graft, fine-tune, merge, export to ONNX (verified with onnxruntime) and diff a real "
-                    "pretrained sentence encoder on a bundled review set, offline on CPU.")
+                    "pretrained sentence encoder on a bundled review set, offline on CPU.\n" + AFTERWARDS)
     parser.add_argument("--model", metavar="DIR",
                         help="a local Hugging Face encoder checkpoint (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--spec", default=DEFAULT_SPEC,
@@ -86,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true",
                         help="write into an existing non-empty --out, replacing the demo's own files")
+    parser.epilog, parser.formatter_class = CLI_EXAMPLES, argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -241,7 +257,9 @@ def train_loop(step_fn: Callable[[list[int]], torch.Tensor], groups: Callable[[]
         return torch.optim.AdamW([group for group in groups() if group["params"]], weight_decay=0.0)
 
     opt, losses = optimizer(), []
-    bar = tqdm(batches, desc=desc, file=sys.stderr, leave=False, mininterval=0.5, dynamic_ncols=True)
+    # a bar on a terminal only: in a log file tqdm's redraws are a stream of carriage-return fragments
+    bar = tqdm(batches, desc=desc, file=sys.stderr, leave=False, mininterval=0.5, dynamic_ncols=True,
+               disable=not _is_terminal(sys.stderr))
     for step, indices in enumerate(bar):
         loss = step_fn(indices)
         opt.zero_grad(set_to_none=True)
@@ -253,6 +271,13 @@ def train_loop(step_fn: Callable[[list[int]], torch.Tensor], groups: Callable[[]
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     return losses
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def accuracy(logits: Any, labels: Any) -> float:
@@ -278,6 +303,39 @@ def _save_head(weight: torch.Tensor, bias: torch.Tensor, path: Path) -> None:
 
     tensors = {"head.weight": weight.detach().contiguous().clone(), "head.bias": bias.detach().contiguous().clone()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _record_base(adapter: Path, model_dir: Path) -> None:
+    """Name the demo's base in graft.json: the encoder directory plus the classifier built around it, so
+    ``graftlib-export --model <out>/adapter`` and ``graftlib-diff <out>/adapter`` can rebuild it."""
+    from graftlib.io import CONFIG_NAME, read_config
+
+    meta = read_config(adapter)
+    meta["base_model"] = {"class": SentenceClassifier.__name__, "name_or_path": str(model_dir),
+                          "builder": BUILDER, "head": HEAD_FILE}
+    _write_text(adapter / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+
+
+def rebuild(base: dict[str, Any], graft_dir: Path, model_dir: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The demo's classifier a saved demo graft sits on, and trace inputs for it: the encoder from
+    `model_dir` (default: the directory graft.json names), the trained head from the graft directory."""
+    from safetensors.torch import load_file
+
+    encoder_dir = Path(model_dir) if model_dir is not None else Path(str(base.get("name_or_path") or ""))
+    if not (encoder_dir / "config.json").is_file():
+        raise DemoError(f"{graft_dir} was saved by {PROG} on the encoder in {encoder_dir}, which is not a Hugging "
+                        f"Face model directory here: pass --model ENCODER_DIR")
+    head_path = graft_dir / HEAD_FILE
+    if not head_path.is_file():
+        raise DemoError(f"{head_path} is missing: the demo's classifier head is saved there")
+    tokenizer, encoder = load_encoder(encoder_dir)
+    classifier = SentenceClassifier(encoder)
+    tensors = load_file(str(head_path))
+    try:
+        classifier.head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items()})
+    except RuntimeError as exc:
+        raise DemoError(f"{head_path} does not fit the encoder in {encoder_dir}: {_first_line(exc)}") from None
+    return classifier.eval(), encode(tokenizer, EXAMPLES)
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -464,15 +522,18 @@ class Demo:
 
     # 5
     def save_and_merge(self) -> None:
-        self.g.save(self.staging / "adapter")
-        _save_head(*self.head_params, self.staging / "head.safetensors")   # the graph's trained head
+        adapter = self.staging / "adapter"
+        self.g.save(adapter)
+        _save_head(*self.head_params, adapter / HEAD_FILE)                 # the graph's trained head
+        _record_base(adapter, self.model_dir)
         merged = self.g.merge()
         merged.eval()
         with torch.no_grad():
             merge_diff = float((merged(**self.test_batch) - self.after_logits).abs().max())
         same_ops = merged.op_histogram() == _base_histogram(self.g)
         names = sorted(set(self.g.adapters) - set(merged.adapters))
-        self.console.say("adapter/ (graft.json, adapters.safetensors) and head.safetensors written")
+        self.console.say(f"adapter/ (graft.json, adapters.safetensors, {HEAD_FILE}) written; try "
+                         f"graftlib-export --model {self.out / 'adapter'} --merge model.onnx")
         self.console.say(f"merged {', '.join(names) or 'nothing (no mergeable adapter)'}: max |merged - unmerged| "
                          f"{merge_diff:.2e} on the test set; same ops as the base graph: {same_ops}")
         self.summary.update(merged_adapters=names, merge_max_abs_diff=merge_diff, merged_same_ops_as_base=same_ops)

@@ -15,20 +15,30 @@ from pathlib import Path
 from typing import Any
 
 from graftlib.tools._cli import CliFailure as _Failure
-from graftlib.tools._cli import named_base, run_guarded
-from graftlib.tools.export_cli import _load_hf, _read_graft
+from graftlib.tools._cli import base_model, run_guarded
+from graftlib.tools.export_cli import _read_graft
 
 __all__ = ["main", "build_parser"]
 
 PROG = "graftlib-diff"
+EXAMPLES = """examples:
+  graftlib-diff graft-dir                              # against the base model graft.json names
+  graftlib-diff graft-dir --model base-dir             # against another copy of the base model
+  graftlib-diff graft-dir --format html -o diff.html   # module tree and each site's branch
+  graftlib-diff base.onnx grafted.onnx --format json   # two ONNX exports of one model
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Show what graftlib's passes inserted into a model.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Show what graftlib's passes inserted into a model.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="a saved graft directory (g.save), or two .onnx files: base then grafted")
     parser.add_argument("--model", metavar="DIR", help="the base model directory (default: the one graft.json names)")
-    parser.add_argument("--format", choices=("text", "json", "dot", "html"), default="text")
+    parser.add_argument("--format", choices=("text", "json", "dot", "html"), default="text",
+                        help="text: one line per site (default); json: every node, for scripts "
+                             "(GraphDiff.from_dict reads it back); dot: Graphviz (dot -Tsvg); html: one "
+                             "self-contained page with the module tree and each site's branch")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     parser.add_argument("--verbose", action="store_true", help="text: every site and node, no collapsing")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
@@ -41,18 +51,9 @@ def _graft_diff(directory: Path, model_dir: str | None) -> Any:
     import graftlib
 
     meta = _read_graft(str(directory))
-    if model_dir is not None:
-        base_dir, class_name = Path(model_dir), (meta.get("base_model") or {}).get("class")
-        if not (base_dir / "config.json").is_file():
-            raise _Failure(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
-    else:
-        base_dir, class_name = _named_base(directory, meta)
-    grafted = graftlib.load(_load_hf(base_dir, class_name), directory)
-    return grafted.diff()
-
-
-def _named_base(graft_dir: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    return named_base(graft_dir, meta, f"pass it with {PROG} {graft_dir} --model BASE_DIR")
+    fix = f"pass it with {PROG} {directory} --model BASE_DIR"
+    base, example_inputs = base_model(directory, meta, None if model_dir is None else Path(model_dir), fix)
+    return graftlib.load(base, directory, example_inputs=example_inputs).diff()
 
 
 def _onnx_diff(before: Path, after: Path) -> Any:

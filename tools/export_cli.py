@@ -18,11 +18,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from graftlib.tools._cli import CliFailure, named_base, one_line, run_guarded
+from graftlib.tools._cli import (CliFailure, base_model, builder_of, load_hf, named_base, one_line, output_problem,
+                                 run_guarded)
 
 __all__ = ["main", "default_model_dir", "build_parser"]
 
 PROG = "graftlib-export"
+EXAMPLES = """examples:
+  graftlib-export --merge model.onnx                         # the bundled MiniLM, no adapter
+  graftlib-export --model graft-dir --merge out.onnx         # a g.save() directory (it names its base)
+  graftlib-export --model graftlib-demo-out/adapter --merge model.onnx  # the adapter graftlib-demo trained
+  graftlib-export --model hf-dir --spec "lora(q,v)" out.onnx # graft on the fly, adapters as nodes
+  graftlib-export --model hf-dir --adapter graft-dir --static --no-verify out.onnx
+"""
 
 
 def default_model_dir() -> Path:
@@ -46,7 +54,10 @@ _one_line = one_line
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Export a (grafted) model to ONNX, verified against PyTorch with onnxruntime.")
+        prog=PROG, description="Export a (grafted) model to ONNX, verified against PyTorch with onnxruntime.\n\n"
+                               "Progress goes to stderr (one line per step when it is not a terminal); the summary "
+                               "to stdout.\nExit codes: 0 ok, 1 failure (one line on stderr; --debug for the "
+                               "traceback), 2 usage.")
     parser.add_argument("output", help="the .onnx file to write (missing directories are created)")
     parser.add_argument("--model", metavar="DIR",
                         help="a Hugging Face model directory, or a saved graft directory (g.save) that names its "
@@ -66,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store weights in <output>.data (automatic above 1.5 GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--debug", action="store_true", help="show warnings and tracebacks")
+    parser.epilog, parser.formatter_class = EXAMPLES, argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -74,20 +86,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def _load_hf(directory: Path, class_name: str | None = None) -> Any:
-    """A Hugging Face model from a local directory, with the class it was saved as when known."""
-    import transformers
-
-    try:
-        if class_name is None:
-            config = transformers.AutoConfig.from_pretrained(str(directory))
-            class_name = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, class_name, None) if class_name else None
-        cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
-        model = cls.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError) as exc:
-        raise _Failure(f"cannot load a Hugging Face model from {directory}: {_one_line(exc)}") from exc
-    return model.eval()
+_load_hf = load_hf  # graftlib-diff imports it from here
 
 
 def _read_graft(directory: str) -> dict[str, Any]:
@@ -104,41 +103,54 @@ def _read_graft(directory: str) -> dict[str, Any]:
     return meta
 
 
-def _base_of(graft_dir: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    return named_base(graft_dir, meta, f"pass --model BASE_DIR --adapter {graft_dir}")
-
-
 def _build(args: argparse.Namespace) -> Any:
     """The module to export: base model, then --model's own graft, --adapter dirs, --spec."""
     import graftlib
 
-    adapters = [(d, _read_graft(d)) for d in args.adapter]
+    adapters = [(Path(d), _read_graft(d)) for d in args.adapter]
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise _Failure(f"--model {model_dir} is not a directory (give a Hugging Face model directory "
                        "or a saved graft directory)")
-    grafts: list[Path] = []
-    class_name = None
+    grafts: list[tuple[Path, dict[str, Any]]] = []
     if (model_dir / "graft.json").is_file():
-        grafts.append(model_dir)
-        model_dir, class_name = _base_of(model_dir, _read_graft(str(model_dir)))
-    elif not (model_dir / "config.json").is_file():
+        grafts.append((model_dir, _read_graft(str(model_dir))))
+        base_dir = None                             # the one graft.json names
+    elif (model_dir / "config.json").is_file():
+        base_dir = model_dir
+    else:
         raise _Failure(f"{model_dir} has neither config.json (a Hugging Face model) nor graft.json "
                        "(a saved graft)")
-    _say(args, f"loading {model_dir}")
+    grafts += adapters
     if args.quiet:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    module: Any = _load_hf(model_dir, class_name)
+    module, example_inputs = _base(args, grafts, base_dir)
     dynamic = not args.static
-    for directory in grafts + [Path(d) for d, _ in adapters]:
+    for directory, _ in grafts:
         _say(args, f"applying {directory}")
-        module = graftlib.load(module, directory, dynamic=dynamic)
+        module = graftlib.load(module, directory, example_inputs=example_inputs, dynamic=dynamic)
     if args.spec:
         _say(args, f"grafting {args.spec}")
-        module = graftlib.apply(module, args.spec, dynamic=dynamic)
+        module = graftlib.apply(module, args.spec, dynamic=dynamic)  # a Grafted, or an HF model: no inputs needed
     return module
+
+
+def _base(args: argparse.Namespace, grafts: list[tuple[Path, dict[str, Any]]], base_dir: Path | None) -> tuple[Any, Any]:
+    """The base module (and trace inputs, None for a Hugging Face model): what the first graft was saved
+    on, built around `base_dir` when given (--model HF_DIR), else around the directory it names."""
+    if not grafts or (base_dir is not None and builder_of(grafts[0][1]) is None):
+        _say(args, f"loading {base_dir}")
+        return load_hf(base_dir), None
+    graft_dir, meta = grafts[0]
+    fix = f"pass --model BASE_DIR --adapter {graft_dir}"
+    if builder_of(meta) is None and base_dir is None:  # the Hugging Face model directory graft.json names
+        base_dir, class_name = named_base(graft_dir, meta, fix)
+        _say(args, f"loading {base_dir}")
+        return load_hf(base_dir, class_name), None
+    _say(args, f"loading the base model of {graft_dir}")
+    return base_model(graft_dir, meta, base_dir, fix)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -158,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tolerance is not None and not args.tolerance >= 0:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
-    if Path(args.output).is_dir():
-        parser.error(f"output {args.output} is a directory: give a file name such as {Path(args.output) / 'model.onnx'}")
+    output = Path(args.output)
+    problem = output_problem(output, "output")  # before minutes of loading and exporting
+    if problem is None:
+        problem = output_problem(output.with_name(output.name + ".data"), "external data file")
+    if problem:
+        parser.error(problem)
     return run_guarded(PROG, args.debug, lambda: _run(args))
 
 
