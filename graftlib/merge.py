@@ -58,9 +58,30 @@ def base_weight(grafted: "GraftedModule", target: str) -> torch.Tensor:
     return get_method(record.method).dequantized_weight(params, tuple(tag["shape"]), record.config).to(dtype)
 
 
-def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
-    """Module path -> (its sites, summed delta in the stored weight's layout)."""
-    deltas: dict[str, tuple[list[Site], torch.Tensor]] = {}
+def _bias_target(graph: fx.Graph, index: SiteIndex, site: Site) -> str | None:
+    """get_attr target of the bias the site's op adds (linear / conv2d args[2], Conv1D addmm args[0])."""
+    ops = site_ops(site, index.anchors.get(site.key, []))
+    if not ops:
+        return None
+    op = ops[0]
+    position = 0 if op.target == aten.addmm.default else 2
+    bias = op.args[position] if len(op.args) > position else None
+    return str(bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+
+
+def _span_of(full: torch.Tensor, site: Site, columns: bool) -> torch.Tensor:
+    if site.span is None:
+        return full
+    lo, hi = site.span
+    return full[:, lo:hi] if columns else full[lo:hi]
+
+
+def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex
+                   ) -> dict[str, tuple[list[Site], torch.Tensor, tuple[str, torch.Tensor] | None]]:
+    """Module path -> (its sites, summed weight delta in the stored layout, (bias target, bias delta) or None).
+
+    Each method sees the weight (and bias) with the earlier adapters' deltas already in, in record order."""
+    deltas: dict[str, tuple[list[Site], torch.Tensor, tuple[str, torch.Tensor] | None]] = {}
     for name in names:
         record = grafted.adapters[name]
         method = get_method(record.method)
@@ -68,19 +89,24 @@ def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex)
         for key in record.sites:
             site = index.by_key(key)
             weight = base_weight(grafted, site.weight)
-            reads = {"weight": weight} if getattr(method, "delta_reads_weight", False) else {}  # OFT: W' - W
-            delta = method.delta(site, tensors[key], record.config, **reads)
-            sites, full = deltas.get(site.path, ([], torch.zeros_like(weight)))
-            if site.span is None:
-                full += delta
-            elif site.kind == "conv1d":
-                full[:, site.span[0]:site.span[1]] += delta
-            else:
-                full[site.span[0]:site.span[1]] += delta
-            if not torch.isfinite(delta).all() or not torch.isfinite(weight.detach() + full).all():
+            sites, full, bias_entry = deltas.get(site.path, ([], torch.zeros_like(weight), None))
+            bias_name = _bias_target(grafted.graph, index, site)
+            if bias_name is not None and bias_entry is None:
+                bias_entry = (bias_name, torch.zeros_like(weight_value(grafted.graph_module, bias_name)))
+            bias_now = None
+            if bias_entry is not None:
+                bias_now = _span_of(weight_value(grafted.graph_module, bias_entry[0]).detach() + bias_entry[1],
+                                    site, False)
+            weight_now = _span_of(weight.detach() + full, site, site.kind == "conv1d")
+            delta, bias_delta = method.merge_deltas(site, tensors[key], record.config, weight_now, bias_now)
+            _span_of(full, site, site.kind == "conv1d").add_(delta)
+            if bias_delta is not None:
+                _span_of(bias_entry[1], site, False).add_(bias_delta)
+            if not torch.isfinite(delta).all() or not torch.isfinite(weight.detach() + full).all() or \
+                    (bias_delta is not None and not torch.isfinite(bias_delta).all()):
                 raise GraftError(f"merging adapter {name!r} into {key} gives non-finite weights; "
                                  "nothing was merged (check the adapter's parameters for inf/nan)")
-            deltas[site.path] = (sites + [site], full)
+            deltas[site.path] = (sites + [site], full, bias_entry)
     return deltas
 
 
@@ -107,13 +133,13 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
                                  "it stays as graph nodes and exports as such")
     index = SiteIndex.build(grafted.graph_module)
     deltas = _weight_deltas(grafted, names, index)
-    rewritten = {path: _rewritten(grafted.graph, sites[0].weight) for path, (sites, _) in deltas.items()}
+    rewritten = {path: _rewritten(grafted.graph, sites[0].weight) for path, (sites, _, _) in deltas.items()}
     if inplace and any(node is not None for node in rewritten.values()):
         path = next(p for p, node in rewritten.items() if node is not None)
         raise GraftError(f"cannot merge in place into {path}: its weight is quantised; use merge() for "
                          "full-precision weights or merge(requantize=True) to quantise the merged weights")
     if inplace:
-        for path, (sites, _) in deltas.items():
+        for path, (sites, _, _) in deltas.items():
             ops = _site_group_ops(grafted.graph, index, sites)
             if _shared_elsewhere(grafted.graph, sites[0].weight, ops):
                 raise GraftError(f"cannot merge in place into {path}: its weight {sites[0].weight} is tied to "
@@ -123,8 +149,10 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
     gm = target.graph_module
     errors: dict[str, float] = {}
     with torch.no_grad():
-        for path, (sites, delta) in deltas.items():
+        for path, (sites, delta, bias_entry) in deltas.items():
             weight_name = sites[0].weight
+            if bias_entry is not None and bias_entry[1].any():
+                _merge_bias(gm, bias_entry, inplace)
             if rewritten[path] is not None:
                 new_weight = base_weight(grafted, weight_name) + delta
                 if requantize:
@@ -173,6 +201,17 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
                       f"against the full-precision merge {errors[worst]:.3g} (at {worst}); see "
                       "merged.requantization_error", stacklevel=3)
     return target
+
+
+def _merge_bias(gm: fx.GraphModule, bias_entry: tuple[str, torch.Tensor], inplace: bool) -> None:
+    """A bias change (IA3 on an output): in place, or as a new parameter of the derived module."""
+    name, delta = bias_entry
+    bias = weight_value(gm, name)
+    if inplace:
+        bias.add_(delta)
+        return
+    owner, _, leaf = name.rpartition(".")
+    _ensure_module(gm, owner)._parameters[leaf] = nn.Parameter(bias.detach() + delta, requires_grad=False)
 
 
 def _own_site_params(target: "GraftedModule", adapter: str, site: str) -> SiteParams:

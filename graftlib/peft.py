@@ -23,7 +23,7 @@ activates both); ``save_peft(g, dir, "<adapter>")`` writes both.
 ``from_peft(model, dir, adapter_name)`` traces `model` (or adds to an existing grafted module) and
 ``save_peft(g, dir, adapter)`` writes one adapter so that ``peft.PeftModel.from_pretrained(model, dir)``
 loads it. Both are exact: outputs match PEFT's to float rounding. Refused with "not supported: X" (never
-loaded as a different model): unknown PEFT types, the options a pass's ``peft_check`` refuses (LoRA: DoRA,
+loaded as a different model): unknown PEFT types, the options a pass's ``peft_check`` refuses (LoRA:
 ``lora_bias``, PiSSA-like inits, ...) and pickled ``adapter_model.bin`` files. A load validates every key
 and shape before it changes anything; a failed load leaves the model and the grafted module as they were.
 """
@@ -70,10 +70,12 @@ LORA_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
 #: PEFT type -> pass module under graftlib.passes with peft_import (and optionally peft_check)
 PASS_TYPES = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
-              "PREFIX_TUNING": "prefix", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft"}
+              "PREFIX_TUNING": "prefix", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft",
+              "IA3": "ia3", "VERA": "vera"}
 #: graftlib method -> its pass module with peft_export (for save_peft)
 PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
-                "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft"}
+                "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft",
+                "ia3": "ia3", "vera": "vera"}
 
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
@@ -237,7 +239,8 @@ class _Plan:
                 self.tensors[f"{adapter}/{holders[0].site_key}/{pname}"] = tensor
 
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                       r"|lora_magnitude_vector)")
 
 
 def _strip_prefix(key: str) -> str | None:

@@ -151,10 +151,18 @@ class Method:
         """The change to ``site``'s weight (same layout as the stored weight, or its ``span`` slice)."""
         raise NotImplementedError(f"{self.name} is not mergeable")
 
+    def merge_deltas(self, site: "Site", params: dict[str, torch.Tensor], config: dict[str, Any],
+                     weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight change, bias change or None) given the site's current weight and bias (its ``span``
+        slice; bias None when the op has none). Multiplicative methods (DoRA, IA3) override this; the
+        default is the additive ``delta`` (which reads the weight where ``delta_reads_weight``: OFT)."""
+        reads = {"weight": weight} if getattr(self, "delta_reads_weight", False) else {}
+        return self.delta(site, params, config, **reads), None
+
 
 _METHODS: dict[str, Method] = {}
 _PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize",
-                 "loha", "lokr", "oft")
+                 "loha", "lokr", "oft", "ia3", "vera")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -14,6 +14,7 @@ from collections.abc import Collection
 import torch
 from torch import fx
 
+from .cache import hoist_cached
 from .editor import graft_tag, is_join
 from .quiet import torch_internals
 
@@ -87,6 +88,8 @@ def specialise(graph: fx.Graph, active: Collection[str], training: bool) -> fx.G
     else:
         _to_eval(new)
     eliminate_dead_code(new)
+    if not training:
+        hoist_cached(new)  # parameter-only values (DoRA's norm) computed once until a parameter changes
     new.lint()
     return new
 

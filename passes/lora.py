@@ -11,6 +11,8 @@ an exact zero, so the grafted model equals the base model until B (or A) is trai
 projection (GPT-2 ``c_attn[q]``) gets its branch on that slice only. Grouped convolutions get one rank-r
 factorisation per group (A: ``groups`` blocks of r channels, B: grouped 1x1).
 
+DoRA (``dora=true``): the branch is renormalised to a learned magnitude, see passes/dora.py.
+
 Merge: ``W += s * B @ A`` (Conv1D stores W as (in, out): ``W += (s * B @ A)^T``; conv:
 ``einsum('or,rikl->oikl')`` per group; embedding: ``E += (s * B @ A)^T``).
 
@@ -28,6 +30,8 @@ from graftlib.editor import Editor
 from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site, _walk_back
 from graftlib.spec import GraftCall
+
+from .dora import dora_merged_weight, dora_rewrite
 
 __all__ = ["LoRA", "lora_scale", "lora_delta", "peft_check", "peft_import", "peft_export"]
 
@@ -71,12 +75,17 @@ class LoRA(Method):
         "alpha": Option(None, (float,), positive, help="scale numerator (default: r)"),
         "dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="dropout on the branch input"),
         "rslora": Option(False, (bool,), help="scale alpha/sqrt(r) instead of alpha/r"),
+        "dora": Option(False, (bool,), help="DoRA: learned magnitude over the renormalised weight (passes/dora.py)"),
     }
 
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
         if site.kind == "conv2d" and (site.out_features % site.conv["groups"]):
             raise call.error(f"cannot graft lora on {site.path}: its {site.out_features} output channels "
                              f"do not split into {site.conv['groups']} groups")
+        if config.get("dora") and (site.part is not None or (site.kind == "conv2d" and site.conv["groups"] > 1)):
+            what = "a slice of a fused projection" if site.part else "a grouped convolution"
+            raise call.error(f"cannot graft lora(dora=true) on {site.key}, {what}: DoRA normalises whole "
+                             "weight rows (PEFT has no DoRA there either); target the whole module or drop dora")
 
     def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
         anchor, r = editor.anchor, config["r"]
@@ -87,6 +96,9 @@ class LoRA(Method):
             b = editor.param("lora_embedding_B", lambda: torch.randn(site.out_features, r))
             padding_idx = anchor.args[2] if len(anchor.args) > 2 else -1
             low = editor.call(aten.embedding.default, editor.call(aten.t.default, a), indices, padding_idx)
+            x = indices
+            if config.get("dora"):
+                return dora_rewrite(editor, site, config, scale, a, b, x, low)
             delta = editor.call(aten.linear.default, low, b)
         elif site.kind == "conv2d":
             conv = site.conv
@@ -96,13 +108,18 @@ class LoRA(Method):
             b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r, 1, 1))
             low = editor.call(aten.conv2d.default, x, a, None, conv["stride"], conv["padding"],
                               conv["dilation"], groups)
+            if config.get("dora"):
+                return dora_rewrite(editor, site, config, scale, a, b, x, low)
             delta = editor.call(aten.conv2d.default, low, b, None, [1, 1], [0, 0], [1, 1], groups)
         else:
             x = self._branch_input(anchor, site)
             x = self._dropout(editor, x, config)
             a = editor.param("lora_A", lambda: _kaiming((r, site.in_features)))
             b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r))
-            delta = editor.call(aten.linear.default, editor.call(aten.linear.default, x, a), b)
+            low = editor.call(aten.linear.default, x, a)
+            if config.get("dora"):
+                return dora_rewrite(editor, site, config, scale, a, b, x, low)
+            delta = editor.call(aten.linear.default, low, b)
         base = editor.value_at(anchor, same_shape=True)  # before a prompt's prepend
         editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
@@ -137,7 +154,18 @@ class LoRA(Method):
             return editor.call(aten.dropout.default, x, config["dropout"], True)
         return x
 
+    def merge_deltas(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any],
+                     weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        if not config.get("dora"):
+            return self.delta(site, params, config), None
+        names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
+        a, b = (params[n].detach() for n in names)
+        m = params["lora_magnitude_vector"].detach()
+        return dora_merged_weight(site, weight, a, b, m, lora_scale(config)) - weight, None
+
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
+        if config.get("dora"):
+            raise NotImplementedError("a DoRA delta depends on the weight: use merge_deltas")
         if site.kind == "embedding":
             a, b = params["lora_embedding_A"], params["lora_embedding_B"]
         else:

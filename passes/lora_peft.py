@@ -39,6 +39,8 @@ from graftlib.peft import (LORA_KINDS, PREFIX, _LORA_KEY, _empty, _exact_regex, 
 from graftlib.select import SiteIndex
 from graftlib.sites import Site
 
+from .dora import peft_export_magnitudes, peft_import_magnitudes
+
 if TYPE_CHECKING:
     from graftlib.protocols import GraftedModule, GraftRecord
 
@@ -69,7 +71,7 @@ _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision"
                  "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules",
                  "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
                  "alpha_pattern", "modules_to_save", "use_rslora", "fan_in_fan_out", "bias",
-                 "init_lora_weights", "megatron_core", "qalora_group_size", "runtime_config",
+                 "init_lora_weights", "megatron_core", "use_dora", "qalora_group_size", "runtime_config",
                  "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 
 
@@ -109,8 +111,7 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
         rest = _strip_prefix(key) if key.startswith(PREFIX) else None
         match = _LORA_KEY.fullmatch(rest) if rest is not None else None
         if match is None:
-            what = ("DoRA magnitude" if "lora_magnitude_vector" in key else
-                    "a LoRA bias" if ".lora_B.bias" in key else "not a LoRA tensor of this model")
+            what = "a LoRA bias" if ".lora_B.bias" in key else "not a LoRA tensor of this model"
             raise LoadError(f"{source}: unexpected tensor {key!r} ({what}); the checkpoint does not match "
                             "its config or this model")
         param = match.group("param").split(".")[0]
@@ -134,7 +135,11 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     for path, site in chosen.items():
         r, alpha = _site_rank_alpha(config, path)
         entries[path] = (site, r, alpha, *_site_tensors(site, by_path.get(path, {}), r, source))
-    return _lora_spec(entries, config, rslora)
+    magnitudes = peft_import_magnitudes(config, chosen, by_path, source)  # DoRA (passes/dora.py); {} without
+    spec, tensors, extras = _lora_spec(entries, config, rslora)
+    for path, magnitude in magnitudes.items():
+        tensors[chosen[path].key]["lora_magnitude_vector"] = magnitude
+    return (spec[:-1] + ", dora=true)" if config.get("use_dora") else spec), tensors, extras
 
 
 def _site_tensors(site: Site, found: Mapping[str, tuple[str, torch.Tensor]], r: int,
@@ -317,7 +322,8 @@ def _lora_config(grafted: "GraftedModule", record: "GraftRecord", outputs: list[
             not peft_target_match(original, s.path) or s.path in paths
             for s in index.sites if s.kind in LORA_KINDS and not s.part)
         same_ranks = all(_site_rank_alpha(original, o.site.path) == (o.r, o.alpha) for o in outputs)
-        if same_sites and same_ranks and bool(original.get("use_rslora")) == rslora:
+        if same_sites and same_ranks and bool(original.get("use_rslora")) == rslora and \
+                bool(original.get("use_dora")) == bool(record.config.get("dora")):
             return dict(original)
     r = Counter(o.r for o in outputs).most_common(1)[0][0]
     alpha = Counter(o.alpha for o in outputs if o.r == r).most_common(1)[0][0]
@@ -334,7 +340,7 @@ def _lora_config(grafted: "GraftedModule", record: "GraftRecord", outputs: list[
         "fan_in_fan_out": any(o.site.kind == "conv1d" for o in outputs), "bias": "none",
         "use_rslora": rslora, "modules_to_save": None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "use_dora": False, "lora_bias": False,
+        "alpha_pattern": alpha_pattern, "use_dora": bool(record.config.get("dora")), "lora_bias": False,
     }
 
 
@@ -349,4 +355,6 @@ def _export_lora(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[
             names = ("lora_A.weight", "lora_B.weight")
         state[f"{PREFIX}{out.site.path}.{names[0]}"] = out.a
         state[f"{PREFIX}{out.site.path}.{names[1]}"] = out.b
+    if record.config.get("dora"):
+        state.update(peft_export_magnitudes(grafted, record, index, PREFIX))  # passes/dora.py
     return _lora_config(grafted, record, outputs, index), state

@@ -258,7 +258,7 @@ def test_base_model_mismatch_names_key_and_shapes(tmp_path):
     ("bad_json", "cannot read"),
     ("missing_tensor", "encoder.layer.1.attention.self.value.lora_B.weight' is missing"),
     ("extra_tensor", "which BertModel does not have"),
-    ("dora", "not supported: use_dora=True"),
+    ("dora", "lora_magnitude_vector' is missing"),  # use_dora=True without magnitudes
     ("pissa", "not supported: init_lora_weights='pissa'"),
     ("boft", "not supported: peft_type='BOFT'"),
     ("bias", "not supported: bias='all'"),

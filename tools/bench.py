@@ -2,6 +2,8 @@
 
     python -m graftlib.tools.bench               # full run (bert-base + a Llama-shaped model), ~20 min
     python -m graftlib.tools.bench --quick       # tiny models, a smoke run
+    python -m graftlib.tools.bench --only dora   # one section (DoRA vs PEFT DoRA vs graftlib LoRA)
+
     python -m graftlib.tools.bench --only checkpointing   # one section (saved-for-backward bytes, ~1 min)
 
 Contenders are interleaved (each repetition times every contender once, in rotating order) and the
@@ -315,6 +317,60 @@ def bench_onnx(m: Models, reps: int) -> list[Row]:
     return rows
 
 
+def _dora_contenders(m: Models) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """graftlib DoRA, PEFT DoRA and graftlib LoRA on one base, q,v r=16, B random (DoRA's norm is not trivial)."""
+    import graftlib
+    from peft import LoraConfig, get_peft_model
+
+    base = _no_dropout(m.build())
+    dora = graftlib.apply(base, "lora(q,v,r=16,dora=true)").eval()
+    lora = graftlib.apply(base, "lora(q,v,r=16)").eval()
+    peft_dora = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=16, target_modules=m.targets,
+                                                               lora_dropout=0.0, use_dora=True)).eval()
+    for module in (dora, lora, peft_dora):
+        _randomise_lora(module)
+    return dora, peft_dora, lora
+
+
+def bench_dora(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]:
+    """DoRA unmerged: eval forward (PEFT uncached and with ENABLE_DORA_CACHING) and train step; the base
+    column holds graftlib LoRA at the same sites and rank."""
+    import peft.tuners.lora.dora as peft_dora_module
+
+    dora, peft_dora, lora = _dora_contenders(m)
+    rows = []
+    for batch, seq in shapes:
+        x = _inputs(m, batch, seq)
+        with torch.inference_mode():
+            t = _median_interleaved({"graftlib": lambda: dora(**x), "peft": lambda: peft_dora(**x),
+                                     "base": lambda: lora(**x)}, reps)
+            peft_dora_module.ENABLE_DORA_CACHING = True
+            try:
+                cached = _median_interleaved({"graftlib": lambda: dora(**x), "peft": lambda: peft_dora(**x)}, reps)
+            finally:
+                peft_dora_module.ENABLE_DORA_CACHING = False
+                for module in peft_dora.modules():
+                    if hasattr(module, "_cache_clear"):
+                        module._cache_clear()
+        rows.append(Row("9 DoRA forward, unmerged", f"{m.name} {batch}x{seq}", t["graftlib"], t["peft"], t["base"],
+                        note="base column = graftlib LoRA; PEFT default (no DoRA cache)"))
+        rows.append(Row("9 DoRA forward, unmerged", f"{m.name} {batch}x{seq}, PEFT cached", cached["graftlib"],
+                        cached["peft"], note="PEFT with ENABLE_DORA_CACHING = True"))
+    dora.train()
+    lora.train()
+    peft_dora.train()
+    optimisers = {k: torch.optim.AdamW([p for p in v.parameters() if p.requires_grad], lr=1e-4)
+                  for k, v in (("graftlib", dora), ("peft", peft_dora), ("base", lora))}
+    for batch, seq in shapes:
+        x = _inputs(m, batch, seq)
+        t = _median_interleaved({"graftlib": _train_step(dora, x, optimisers["graftlib"]),
+                                 "peft": _train_step(peft_dora, x, optimisers["peft"]),
+                                 "base": _train_step(lora, x, optimisers["base"])}, max(5, reps // 2))
+        rows.append(Row("9 DoRA train step (fwd+bwd+AdamW)", f"{m.name} {batch}x{seq}", t["graftlib"], t["peft"],
+                        t["base"], note="base column = graftlib LoRA train step"))
+    return rows
+
+
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time, torch
     sys.path.insert(0, {root!r})
@@ -516,7 +572,7 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
-SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing")
+SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing", "dora")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))
                   + (bench_apply_swin(args.quick, max(3, reps // 5)) if m is models[0] else [])),
                  ("forward", lambda m=m: bench_forward(m, shapes, reps)),
-                 ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2)))]
+                 ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2))),
+                 ("dora", lambda m=m: bench_dora(m, shapes, reps))]
     jobs += [("compile", lambda: bench_compile_time(models[0], args.quick, max(1, reps // 5))
               + bench_train(models[0], shapes, max(5, reps // 2), compiled=True)),
              ("mixed", lambda: bench_mixed(models[0], mixed_shapes, reps)),
