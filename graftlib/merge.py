@@ -31,7 +31,7 @@ _WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.conv2d.defaul
 
 def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
     """The ops that read `site`'s weight (the fused op for a slice of a fused projection)."""
-    return [_walk_back(a.args[0].args[0]) if site.part else a for a in anchors]
+    return [_walk_back(a.args[0].args[0]) if site.part and site.columns is None else a for a in anchors]
 
 
 def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
@@ -46,7 +46,13 @@ def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> di
             delta = method.delta(site, tensors[key], record.config)
             weight = weight_value(grafted.graph_module, site.weight)
             sites, full = deltas.get(site.path, ([], torch.zeros_like(weight)))
-            if site.span is None:
+            if site.columns is not None:  # a strided part of a fused projection: its rows
+                rows = torch.tensor(site.columns)
+                if site.kind == "conv1d":
+                    full[:, rows] += delta
+                else:
+                    full[rows] += delta
+            elif site.span is None:
                 full += delta
             elif site.kind == "conv1d":
                 full[:, site.span[0]:site.span[1]] += delta

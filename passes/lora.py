@@ -59,6 +59,23 @@ def lora_delta(site: Site, a: torch.Tensor, b: torch.Tensor, scale: float) -> to
     return delta
 
 
+def scatter_columns(editor: Editor, delta: Any, site: Site) -> Any:
+    """The branch output (..., len(columns)) placed into the fused projection's columns, zero elsewhere.
+
+    ``index_select(cat([delta, 0], -1), -1, where)`` with ``where[c]`` = the position of column ``c``
+    in the part, or the appended zero column: one gather, exact, and ONNX-exportable.
+    """
+    width = site.fused_out
+    def where() -> torch.Tensor:
+        index = torch.full((width,), len(site.columns), dtype=torch.long)
+        index[list(site.columns)] = torch.arange(len(site.columns))
+        return index
+    where_node = editor.param("lora_columns", where, trainable=False)
+    zero = editor.call(aten.zeros_like.default, editor.call(aten.slice.Tensor, delta, -1, 0, 1))
+    padded = editor.call(aten.cat.default, [delta, zero], -1)
+    return editor.call(aten.index_select.default, padded, -1, where_node)
+
+
 @register
 class LoRA(Method):
     name = "lora"
@@ -101,12 +118,14 @@ class LoRA(Method):
             a = editor.param("lora_A", lambda: _kaiming((r, site.in_features)))
             b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r))
             delta = editor.call(aten.linear.default, editor.call(aten.linear.default, x, a), b)
+            if site.columns is not None:
+                delta = scatter_columns(editor, delta, site)
         base = editor.value_at(anchor, same_shape=True)  # before a prompt's prepend
         editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
     @staticmethod
     def _branch_input(anchor: Any, site: Site) -> Any:
-        if site.part is None:
+        if site.part is None or site.columns is not None:
             return anchor.args[1] if site.kind == "conv1d" else anchor.args[0]
         # a slice of a fused projection: anchor is getitem(split(view(op(x)))); find op's input
         # at the slice's rank so the branch output lines up with the slice without reshaping
@@ -119,6 +138,7 @@ class LoRA(Method):
             x = x.args[0]
         return x
 
+    @staticmethod
     @staticmethod
     def _dropout(editor: Editor, x: Any, config: dict[str, Any]) -> Any:
         if config["dropout"] > 0:
