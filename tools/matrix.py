@@ -41,7 +41,32 @@ NO_TOKENS = {"vision", "audio"}
 NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
-EXCEPTIONS: dict[tuple[str, str], str] = {}
+_NO_FFN = "ffn found by module names only; its linear -> activation -> linear structure is not read yet"
+_NORM_BETWEEN = "a {} sits between the FFN output and the residual add; adapters stop there"
+_EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
+_POSITIONS = "position ids derived from input_ids keep the unprompted length"
+_MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
+EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("albert", "adapter"): _NO_FFN,
+    ("hand-ffn", "adapter"): _NO_FFN,
+    ("convnext", "adapter"): _NORM_BETWEEN.format("layer_scale multiply"),
+    ("dinov2", "adapter"): _NORM_BETWEEN.format("layer scale"),
+    ("gemma2", "adapter"): _NORM_BETWEEN.format("post-feed-forward RMSNorm"),
+    ("granite", "adapter"): _NORM_BETWEEN.format("residual multiplier"),
+    ("falcon", "adapter"): "parallel attention + MLP block: the MLP output is added to the attention output first",
+    ("qwen2-moe", "adapter"): "the shared expert is gated (sigmoid) before the residual add",
+    ("mixtral", "adapter"): _MOE,
+    ("olmoe", "adapter"): _MOE,
+    ("deberta-v2", "prefix"): _EAGER_ATTN.format("3-D bmm over batch x heads"),
+    ("mpnet", "prefix"): _EAGER_ATTN.format("matmul + relative position bias"),
+    ("bloom", "prefix"): _EAGER_ATTN.format("baddbmm with ALiBi"),
+    ("gemma2", "prefix"): _EAGER_ATTN.format("eager with tanh soft-capping"),
+    ("roberta", "prompt"): _POSITIONS,
+    ("xlm-roberta", "prompt"): _POSITIONS,
+    ("mpnet", "prompt"): _POSITIONS,
+    **{("wav2vec2", cell): "graftlib cannot synthesise trace inputs for input_values"
+       for cell in ("trace", "lora", "adapter", "prefix", "merge+onnx", "save/load")},
+}
 
 SPECS = {"lora": "lora(q,v,r=4)", "adapter": "adapter(ffn,m=4)", "prefix": "prefix(n=2)", "prompt": "prompt(n=2)"}
 
