@@ -9,8 +9,8 @@ from .errors import GraftError, GraftSpecError, LoadError, TraceError
 from .export import export_onnx
 from .grafted import Grafted, GraftRecord, apply
 from .io import load, save
-from .peft import from_peft, save_peft  # also registers replace(...), which PEFT's modules_to_save load as
-from .select import select
+from .peft import from_peft, save_peft
+from .preview import select
 from .spec import parse_spec
 from .trace import Traced, example_inputs_for, trace
 

@@ -32,11 +32,13 @@ import torch
 
 from .errors import GraftError
 from .io import install_tensors
+from .names import check_adapter_name
+from .registry import get_method
 from .select import SiteIndex
 from .sites import Site
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["combine", "MODES"]
 
@@ -45,11 +47,11 @@ MODES = ("cat", "linear", "svd")
 _Source = tuple[float, torch.Tensor, torch.Tensor]  # (w * s, A grouped as (g, r, ...), B (out, r, ...))
 
 
-def combine(g: "Grafted", weights: Mapping[str, float], how: str = "cat", rank: int | None = None,
+def combine(g: "GraftedModule", weights: Mapping[str, float], how: str = "cat", rank: int | None = None,
             name: str = "combined") -> str:
     """Add adapter `name` combining the LoRA adapters in `weights` (see the module docstring)."""
     _validate(g, weights, how, rank, name)
-    from graftlib.passes.lora import lora_scale
+    lora_scale = get_method("lora").scale  # the pass, through the registry: the engine does not import passes
 
     index = SiteIndex.build(g.base_graph_module)
     ranks = {a: _rank(g, a) for a in weights}
@@ -77,7 +79,8 @@ def combine(g: "Grafted", weights: Mapping[str, float], how: str = "cat", rank: 
     return name
 
 
-def _validate(g: "Grafted", weights: Mapping[str, float], how: str, rank: int | None, name: str) -> None:
+def _validate(g: "GraftedModule", weights: Mapping[str, float], how: str, rank: int | None, name: str) -> None:
+    check_adapter_name(name)  # it is written into a spec: one rule for every adapter name
     if how not in MODES:
         raise GraftError(f"combine: how={how!r} is not one of {', '.join(MODES)}")
     if not weights:
@@ -96,7 +99,7 @@ def _validate(g: "Grafted", weights: Mapping[str, float], how: str, rank: int | 
                          f"(got how={how!r}, rank={rank!r})")
 
 
-def _rank(g: "Grafted", adapter: str) -> int:
+def _rank(g: "GraftedModule", adapter: str) -> int:
     """The adapter's stored rank (per group): B's second dim at its sites."""
     stored = {params.get("lora_B", params.get("lora_embedding_B")).shape[1]
               for params in g.store.tensors(adapter).values()}
@@ -109,7 +112,7 @@ def _groups(site: Site) -> int:
     return site.conv["groups"] if site.kind == "conv2d" else 1
 
 
-def _source(g: "Grafted", adapter: str, key: str, coefficient: float, site: Site) -> _Source | None:
+def _source(g: "GraftedModule", adapter: str, key: str, coefficient: float, site: Site) -> _Source | None:
     params = g.store.tensors(adapter).get(key)
     if params is None:
         return None
@@ -188,7 +191,7 @@ def _unmat(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _COMBINE = {"cat": _cat, "linear": _linear, "svd": _svd}
 
 
-def _add(g: "Grafted", spec: str, tensors: dict[str, torch.Tensor], name: str) -> None:
+def _add(g: "GraftedModule", spec: str, tensors: dict[str, torch.Tensor], name: str) -> None:
     """Graft the combined adapter, copy its factors in, keep the active set as it was."""
     active = g.active_adapters
     g.add(spec)

@@ -24,6 +24,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
+from .errors import GraftError
+from .names import safe_atom, safe_target
 from .sites import Site
 from .trace import fake_call
 
@@ -65,7 +67,8 @@ def _comes_after(node: fx.Node, start: fx.Node) -> bool:
 
 
 def escape(key: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]", "_", key)
+    esc = re.sub(r"[^0-9A-Za-z_]", "_", key)
+    return esc if safe_atom(esc) else f"_{esc}"  # a keyword site ('class') or an empty key
 
 
 class SiteParams(nn.Module):
@@ -171,6 +174,8 @@ class Editor:
             else:
                 holder.register_buffer(name, value)
         target = f"{STORE}.{self.adapter}.{escape(self.site.key)}.{name}"
+        if not safe_target(target):  # names are checked at the boundary; never emit source from others
+            raise GraftError(f"refusing to create the graph attribute {target[:120]!r}: not a safe name")
         node = self._insert(lambda: self.graph.get_attr(target))
         value = getattr(holder, name)
         fake_mode = self._fake_mode()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from .text import caret_block, shorten
+
 __all__ = ["GraftError", "GraftSpecError", "TraceError", "LoadError", "near_names", "require_eager"]
 
 
@@ -21,8 +23,9 @@ class GraftSpecError(GraftError):
         self.reason = message
         self.spec = spec
         self.column = column
+        message = shorten(str(message))
         if spec is not None and column is not None:
-            message = f"{message}\n  {spec}\n  {' ' * column}^"
+            message = f"{message}\n{caret_block(spec, column)}"
         super().__init__(message)
 
 
@@ -48,5 +51,12 @@ def require_eager(what: str, fix: str) -> None:
     a module first needed under compile is an error that says how to build it beforehand."""
     import torch
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling():
+        from .locks import TRACE_LOCK  # another thread's torch.export sets the process-wide flag
+
+        with TRACE_LOCK:
+            compiling = torch.compiler.is_compiling()
+    else:
+        compiling = torch.compiler.is_compiling()
+    if compiling:
         raise GraftError(f"{what} is not built yet and cannot be built while torch.compile traces: {fix}")

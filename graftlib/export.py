@@ -27,7 +27,10 @@ import copy
 import dataclasses
 import logging
 import math
+import glob
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -49,8 +52,10 @@ from torch.utils import _pytree as pytree
 
 from .errors import GraftError
 from .grafted import Grafted
+from .io import clean_staging
 from .registry import get_method
 from .runtime import build_module, copy_graph, op_histogram, specialise
+from .safety import TRACE_LOCK
 from .trace import trace
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_TOLERANCE", "EXTERNAL_DATA_BYTES"]
@@ -78,6 +83,7 @@ class ExportReport:
     base_parameters: int
     adapter_parameters: int             # of the exported (active) adapters, before merging
     exported_parameters: int            # elements of the ONNX initialisers
+    buffers: dict[str, int] = field(default_factory=dict)  # initialisers that are buffers -> elements
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # shape label -> max |ORT - torch|
     tolerance: float = DEFAULT_TOLERANCE
     timings: dict[str, float] = field(default_factory=dict)       # step -> seconds
@@ -85,6 +91,18 @@ class ExportReport:
     @property
     def verified(self) -> bool:
         return bool(self.max_abs_diff)
+
+    def _exported_note(self) -> str:
+        """What the exported count holds besides parameters: buffers (position ids, batch-norm statistics);
+        merged adapters are inside the base weights."""
+        notes = []
+        if self.merged:
+            notes.append("merged adapters are inside the base weights")
+        if self.buffers:
+            names = ", ".join(name.rsplit(".", 1)[-1] for name in list(self.buffers)[:3])
+            more = ", ..." if len(self.buffers) > 3 else ""
+            notes.append(f"includes {sum(self.buffers.values()):,} buffer elements ({names}{more})")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     def __str__(self) -> str:
         added = ", ".join(f"{op} {n:+d}" for op, n in self.ops_added.items()) or "none (same ops as the base)"
@@ -97,7 +115,7 @@ class ExportReport:
             + (f"; frozen: {', '.join(self.frozen)}" if self.frozen else ""),
             f"  ops added vs base: {added}  ({sum(self.ops.values())} nodes)",
             f"  parameters:  base {self.base_parameters:,}, adapters {self.adapter_parameters:,}, "
-            f"exported {self.exported_parameters:,}",
+            f"exported {self.exported_parameters:,}{self._exported_note()}",
         ]
         if self.max_abs_diff:
             diffs = "; ".join(f"{label}: {diff:.2e}" for label, diff in self.max_abs_diff.items())
@@ -259,7 +277,7 @@ def _to_onnx(module: fx.GraphModule, kwargs: dict[str, Any], opset: int | None, 
     for named in attempts:
         shapes = _dynamic_shapes(kwargs, named) if named is not None else None
         try:
-            with _quiet_exporter():
+            with TRACE_LOCK, _quiet_exporter():  # torch.onnx runs torch.export: one at a time
                 program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, optimize=False,
                                             opset_version=opset, dynamic_shapes=shapes, verbose=False,
                                             output_names=output_names)
@@ -347,6 +365,13 @@ def _initialiser_elements(model: Any) -> int:
         if value.shape is not None:
             total += math.prod(int(d) for d in value.shape)
     return total
+
+
+def _initialiser_buffers(model: Any, module: nn.Module) -> dict[str, int]:
+    """ONNX initialisers that are the module's buffers (not parameters): name -> elements."""
+    buffers = dict(module.named_buffers())
+    return {name: math.prod(int(d) for d in value.shape) for name, value in model.graph.initializers.items()
+            if name in buffers and value.shape is not None}
 
 
 def _weight_bytes(module: nn.Module) -> int:
@@ -470,15 +495,20 @@ def _verify(g: Grafted, onnx_path: str, kwargs: Mapping[str, Any], output_names:
 def _staging(path: Path) -> Iterator[Path]:
     """A temp directory beside `path` (same filesystem); its files are renamed into place on success.
 
-    On failure the temp directory, and any parent directories this call created, are removed.
+    External data gets a name of its own generation (``model.onnx.<token>.data``, named inside the .onnx
+    file) and is moved in before the .onnx file, so the .onnx file a reader opens always names a complete
+    data file of its own generation; data files no .onnx names any more are removed afterwards, and so are
+    the staging folders of killed exports. On failure the temp directory, and any parent directories this
+    call created, are removed.
     """
     created = [p for p in reversed(path.parent.parents) if not p.exists()]
     created += [path.parent] if not path.parent.exists() else []
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_staging(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.graftlib-{os.getpid()}-", dir=path.parent))
     try:
         yield staging / path.name
-        data_files = [f for f in staging.iterdir() if f.name != path.name]
+        data_files = _name_generation(staging / path.name, path.name)
         for data in data_files:  # external data first, so a .onnx file never points at nothing
             os.replace(data, path.parent / data.name)
         os.replace(staging / path.name, path)
@@ -489,6 +519,64 @@ def _staging(path: Path) -> Iterator[Path]:
                 directory.rmdir()
         raise
     shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale_data(path)
+
+
+def _external_tensors(model: Any) -> Iterator[Any]:
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(model):
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _name_generation(onnx_path: Path, name: str) -> list[Path]:
+    """Rename the staged external data files to ``<name>.<token>.data`` and point the .onnx file at them."""
+    data_files = [f for f in onnx_path.parent.iterdir() if f.name != onnx_path.name]
+    if not data_files:
+        return []
+    import onnx
+
+    token = secrets.token_hex(4)
+    renames = {f.name: f"{name}.{token}.data" if i == 0 else f"{name}.{token}.{i}.data"
+               for i, f in enumerate(sorted(data_files))}
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value in renames:
+                entry.value = renames[entry.value]
+    onnx.save_model(model, str(onnx_path))
+    moved = []
+    for old, new in renames.items():
+        os.replace(onnx_path.parent / old, onnx_path.parent / new)
+        moved.append(onnx_path.parent / new)
+    return moved
+
+
+def _written_size(path: Path) -> int:
+    """Bytes of the .onnx file plus the external data files it names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {e.value for t in _external_tensors(model) for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in used)
+
+
+def _remove_stale_data(path: Path) -> None:
+    """External data files of earlier generations of `path` that its .onnx file no longer names."""
+    import onnx
+
+    generation = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8}(\.\d+)?)?\.data")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        used = {e.value for t in _external_tensors(model) for e in t.external_data if e.key == "location"}
+    except Exception:
+        return
+    for candidate in path.parent.glob(f"{glob.escape(path.name)}.*data"):
+        if candidate.name not in used and generation.fullmatch(candidate.name):
+            with _suppress_oserror():
+                candidate.unlink()
 
 
 @contextmanager
@@ -534,6 +622,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, merge: bool = True, 
 
 def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None, dynamic: bool,
             example_inputs: Any, tolerance: float, external_data: bool | None, steps: _Steps) -> ExportReport:
+    g = g._mode_target()  # the graph traced in eval mode (g is in eval mode here)
     base_parameters, adapter_parameters = _parameter_counts(g)
     with steps.step("merge" if merge else "copy"):
         target, merged, frozen = _export_copy(g, merge)
@@ -553,7 +642,7 @@ def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None
                 program.save(str(staged), external_data=big)
         if verify:
             diffs = _verify(g, str(staged), kwargs, output_names, tolerance, steps)
-        size = sum(f.stat().st_size for f in staged.parent.iterdir())
+    size = _written_size(path)
     model = program.model
     return ExportReport(
         path=str(path), file_size=size, external_data=big,
@@ -563,6 +652,6 @@ def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None
         outputs=[v.name for v in model.graph.outputs],
         ops=ops, ops_added=_ops_added(ops, base_ops),
         base_parameters=base_parameters, adapter_parameters=adapter_parameters,
-        exported_parameters=_initialiser_elements(model),
+        exported_parameters=_initialiser_elements(model), buffers=_initialiser_buffers(model, runtime),
         max_abs_diff=diffs, tolerance=tolerance, timings=steps.timings,
     )

@@ -1,37 +1,54 @@
-"""The grafted module: a traced model plus named adapters, called exactly like the original."""
+"""The grafted module: a traced model plus named adapters, called exactly like the original.
+
+One mechanism serves every context a call can need. A :class:`Context` (mode, input keys, mask kind) is
+the key of one traced graph; the module's own trace is one context, and any other the module meets is a
+variant: the model traced for that context, the same grafts replayed on it (``add_records``), the
+parameters and the adapter store shared (``_adopt_parameters``)::
+
+    Context(training=False, inputs={input_ids, attention_mask}, mask="padded")  -> eval-mode trace
+    Context(training=True,  inputs={input_ids, attention_mask}, mask="padded")  -> train-mode trace
+    Context(training=True,  inputs={..., labels},               mask="padded")  -> trace with labels
+    Context(training=False, inputs={input_ids, attention_mask}, mask=UNPADDED)  -> HF's mask skip forced
+
+So an eval graph is an eval-mode trace, exact by construction (stochastic depth, ``if self.training:``
+branches and batch norm are recorded as eval runs them), rather than a train graph with dropout removed.
+``train()`` / ``eval()`` / ``set_active`` build the current context's graph eagerly, so ``torch.compile``
+only looks graphs up. A module that cannot re-trace (merged in place, or built without its model) runs
+its own graph in either mode, specialised by op name (``runtime.specialise``).
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
 
 from .editor import STORE, AdapterStore, Editor
 from .errors import GraftError, GraftSpecError, near_names, require_eager
+from .protocols import GraftRecord, named_spec, provide
 from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
+from . import checkpoint, hf, retarget
+from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
 
-__all__ = ["Grafted", "GraftRecord", "apply"]
+__all__ = ["Grafted", "GraftRecord", "Context", "apply"]
 
 
-@dataclass
-class GraftRecord:
-    """One applied graft: enough to replay it on a fresh trace and to save it."""
+class Context(NamedTuple):
+    """What one traced graph is for: the key of a Grafted's graphs (see the module docstring)."""
 
-    method: str
-    adapter: str
-    spec: str                       # the call's text, e.g. "lora(q,v,r=8)"
-    config: dict[str, Any]
-    sites: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
+    training: bool
+    inputs: frozenset[str]          # the call's keyword inputs, constants included
+    mask: str = "padded"            # UNPADDED: traced with Hugging Face's mask skip (unpadded.py)
 
 
 @dataclass
@@ -72,6 +89,8 @@ class Grafted(nn.Module):
         super().__init__()
         gm = traced.graph_module
         _share_parameters(gm)
+        if retarget.strip_metadata_asserts(gm.graph):  # dtype / device checks only; autocast trips them
+            gm.recompile()
         if not isinstance(getattr(gm, STORE, None), AdapterStore):
             gm.add_submodule(STORE, AdapterStore())
         self.graph_module = gm
@@ -81,10 +100,12 @@ class Grafted(nn.Module):
         self.records: list[GraftRecord] = []
         self._active: tuple[str, ...] = ()
         self._runtimes: dict[tuple, fx.GraphModule] = {}
-        self._variants: dict[frozenset[str], "Grafted"] = {}
-        self._no_gain: set[frozenset[str]] = set()  # unpadded variants that would equal the masked graph
+        self._variants: dict[Context, "Grafted"] = {}
+        self._no_gain: set[Context] = set()  # unpadded contexts whose trace would equal the masked graph
         self.retraceable = model is not None
-        self.train(model.training if model is not None else False)
+        self._input_defaults = input_defaults(traced, model)  # omitted inputs the model computes (inputs.py)
+        hf.install(self)  # Trainer: forward's signature, adapter-only state dict (hf.py)
+        self.train(traced.training)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -93,8 +114,13 @@ class Grafted(nn.Module):
 
     @property
     def graph(self) -> fx.Graph:
-        """The canonical graph: every adapter, training mode."""
+        """The canonical graph: every adapter, in the mode the model was traced in (``traced_training``)."""
         return self.graph_module.graph
+
+    @property
+    def traced_training(self) -> bool:
+        """The mode of this module's own trace; the other mode is a variant traced on first use."""
+        return self._traced.training
 
     @property
     def base_graph_module(self) -> fx.GraphModule:
@@ -121,7 +147,7 @@ class Grafted(nn.Module):
 
     def runtime_module(self) -> fx.GraphModule:
         """The graph module that runs now (this mode, these active adapters), with the model's names."""
-        return self._runtime_pair()[0]
+        return self._mode_target()._runtime_pair()[0]
 
     def _runtime_pair(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         """(named, flat) runtime modules for the current mode and active adapters; forward calls flat."""
@@ -132,7 +158,7 @@ class Grafted(nn.Module):
                           "call g.train() / g.eval() / g.set_active(...) before compiling")
             graph = specialise(self.graph, self._active, self.training)
             named = build_module(self.graph_module, graph, self.training)
-            pair = self._runtimes[key] = (named, flat_module(named))
+            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat_module(named), self.training))
         return pair
 
     def _invalidate(self) -> None:
@@ -140,35 +166,21 @@ class Grafted(nn.Module):
         only looks it up."""
         self._runtimes.clear()
         self._variants.clear()
+        self._no_gain.clear()
         if self.records:
             self.runtime_module()
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), share_memory(): buffers are replaced
-        self._check_conversion(fn)
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .float(), share_memory()
+        before = retarget.placement(self)
         result = super()._apply(fn, recurse)
+        retarget.follow(self, before)  # the graph's dtype / device arguments follow the weights
         self._invalidate()
         return result
 
-    def _check_conversion(self, fn: Any) -> None:
-        """The traced graph is specialised to one dtype and device (casts, asserts and factory calls name
-        them), so ``.half()`` / ``.to("cuda")`` after grafting is refused before anything is converted."""
-        probe = next((t for t in self.graph_module.parameters() if t.is_floating_point()), None)
-        if probe is None or probe.is_meta:
-            return
-        converted = fn(torch.zeros((), dtype=probe.dtype, device=probe.device))
-        if (converted.dtype, converted.device) != (probe.dtype, probe.device):
-            raise GraftError(
-                f"this grafted module was traced in {probe.dtype} on {probe.device}, and its graph is specialised "
-                f"to them; it cannot move to {converted.dtype} on {converted.device}. Convert the model first and "
-                "graft that: graftlib.apply(model.to(dtype_or_device), spec); to keep trained adapters, "
-                "g.save(dir) then graftlib.load(converted_model, dir)")
-
     def train(self, mode: bool = True) -> "Grafted":
         self.training = mode
-        for variant in self._variants.values():
-            variant.train(mode)
         if self.records:
-            self.runtime_module()  # built now, so forward (and torch.compile) only looks it up
+            self.runtime_module()  # built now (a trace on the first switch), so torch.compile only looks it up
         return self
 
     # -- adding grafts ---------------------------------------------------------------------------
@@ -188,11 +200,12 @@ class Grafted(nn.Module):
                     del self.store[plan.config["name"]]
             self.graph_module.recompile()
             raise
-        for plan in plans:
-            self.records.append(GraftRecord(plan.method.name, plan.config["name"], plan.call.text,
-                                            plan.config, [s.key for s in plan.selection.sites]))
+        added = [GraftRecord(plan.method.name, plan.config["name"], plan.call.text, plan.config,
+                             [s.key for s in plan.selection.sites]) for plan in plans]
+        self.records.extend(added)
         self._active = tuple(dict.fromkeys(self._active + tuple(p.config["name"] for p in plans)))
-        self._finish()
+        self._delegate("after_add")  # e.g. quantize releases the weights it replaced
+        self._finish(lambda variant: variant.add_records(added))
         return self
 
     def _plan(self, calls: list[GraftCall], index: SiteIndex) -> list[_Plan]:
@@ -223,26 +236,40 @@ class Grafted(nn.Module):
         if hasattr(plan.method, "rewrite_graph"):
             plan.method.rewrite_graph(self.graph_module, plan.selection, plan.config, index)
 
-    def _finish(self) -> None:
+    def _finish(self, update_variant: Any = None) -> None:
+        """After the graph changed: rebuild runtimes; `update_variant` replays the change on each variant
+        (a variant it fails on is dropped and traced again when next needed)."""
         self.graph.lint()
         self.graph_module.recompile()
-        self._invalidate()
+        variants = dict(self._variants) if update_variant is not None else {}
+        self._runtimes.clear()
+        self._variants.clear()
+        for context, variant in variants.items():
+            try:
+                update_variant(variant)
+            except Exception:
+                continue
+            self._variants[context] = variant
         self.runtime_module()  # also with no grafts left (delete_adapter)
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
         from .runtime import deactivate, eliminate_dead_code
 
+        if get_method(self.adapters[name].method).base_rewrite:
+            raise GraftError(f"{name!r} ({self.adapters[name].method}) rewrote the base model itself and cannot be "
+                             "deleted: graft the original model again")
         users = [r.adapter for r in self.records if name in get_method(r.method).depends_on(r.spec)]
         if users:
             raise GraftError(f"adapter {name!r} is used by {', '.join(map(repr, users))}: delete "
                              f"{'that' if len(users) == 1 else 'those'} first")
         deactivate(self.graph, [a for a in self.adapters if a != name])
         eliminate_dead_code(self.graph)
-        del self.store[name]
+        if name in self.store:  # a variant shares the store: its owner deleted the parameters already
+            del self.store[name]
         self.records = [r for r in self.records if r.adapter != name]
         self._active = tuple(a for a in self._active if a != name)
-        self._finish()
+        self._finish(lambda variant: variant.delete_adapter(name))
 
     # -- adapters on/off -------------------------------------------------------------------------
     def _check_names(self, names: Iterable[str]) -> None:
@@ -354,6 +381,7 @@ class Grafted(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if args:
             kwargs = self._bind(args, kwargs)
+        kwargs = conform_inputs(self._traced, self._input_defaults, kwargs)
         if adapter_names is not None:  # one adapter (or "__base__") per batch row
             from .mixed import mixed_forward
 
@@ -363,11 +391,10 @@ class Grafted(nn.Module):
         for key, value in constants.items():
             if inputs.get(key, value) == value:
                 inputs[key] = value
-        unpadded = not self._unpadded and is_unpadded_call(self._traced.config, inputs)
-        if unpadded or inputs.keys() != set(self._traced.input_names) | constants.keys():
-            variant = self._variant(inputs, unpadded)
-            if variant is not self:
-                return variant(**inputs)
+        return self._variant(inputs)._run(inputs)
+
+    def _run(self, inputs: dict[str, Any]) -> Any:
+        """Call this module's own graph (its context, current adapters)."""
         return self._runtime_pair()[1](**self._traced.graph_inputs(inputs))
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -378,54 +405,90 @@ class Grafted(nn.Module):
 
     _unpadded = False  # True on a variant traced for unpadded batches (see unpadded.py)
 
-    def _variant(self, inputs: dict[str, Any], unpadded: bool = False) -> "Grafted":
-        """The same grafts traced for another set of inputs (e.g. with ``labels``), or for unpadded
-        batches; ``self`` when the unpadded trace would equal this graph (no mask to skip)."""
-        key = frozenset(inputs) | ({UNPADDED} if unpadded else frozenset())
-        variant = self._variants.get(key)
-        if variant is None and key in self._no_gain:
-            return self._variant(inputs) if inputs.keys() != self._traced_keys() else self
+    def _own_context(self) -> Context:
+        return Context(self._traced.training, frozenset(self._traced_keys()),
+                       UNPADDED if self._unpadded else "padded")
+
+    def _mode_traceable(self) -> bool:
+        """Whether another mode can be traced (else this graph runs in both, specialised by op name)."""
+        source = getattr(self, "_merged_from", None)
+        return self.retraceable or (source is not None and source[0]._mode_traceable())
+
+    def _mode_target(self) -> "Grafted":
+        """The module whose graph runs a call with the traced inputs in the current mode."""
+        return self._resolve(self._own_context()._replace(training=self.training), None)
+
+    def _variant(self, inputs: dict[str, Any], unpadded: bool | None = None) -> "Grafted":
+        """The module whose graph serves a call with `inputs` in the current mode: ``self`` or a variant
+        (another mode, other inputs such as ``labels``, unpadded batches; `unpadded` None: from the mask)."""
+        if unpadded is None:
+            unpadded = not self._unpadded and is_unpadded_call(self._traced.config, inputs)
+        mask = UNPADDED if unpadded or self._unpadded else "padded"
+        return self._resolve(Context(self.training, frozenset(inputs), mask), inputs)
+
+    def _resolve(self, context: Context, inputs: dict[str, Any] | None) -> "Grafted":
+        own = self._own_context()
+        if context.training != own.training and not self._mode_traceable():
+            context = context._replace(training=own.training)
+        if context == own:
+            return self
+        if context in self._no_gain:
+            return self._resolve(context._replace(mask="padded"), inputs)
+        variant = self._variants.get(context)
         if variant is None:
-            require_eager(f"the graph traced for inputs ({', '.join(sorted(inputs))})",
-                          "call the module once without torch.compile on inputs with these keys first")
-            variant = self._make_variant(inputs, unpadded)
+            require_eager(f"the graph traced for {'training' if context.training else 'eval'} mode and inputs "
+                          f"({', '.join(sorted(context.inputs))})",
+                          "call g.train() / g.eval() before compiling, and the module once without "
+                          "torch.compile on inputs with these keys")
+            variant = self._make_variant(context, inputs)
             if variant is None:
-                self._no_gain.add(key)
-                return self._variant(inputs, unpadded)
-            self._variants[key] = variant
-        variant._active, variant.training = self._active, self.training  # follow set_active / train
+                if context.mask == "padded":
+                    return self  # no other trace possible: this graph, specialised by op name
+                self._no_gain.add(context)
+                return self._resolve(context._replace(mask="padded"), inputs)
+            self._variants[context] = variant
+        variant._active, variant.training = self._active, context.training
         return variant
 
     def _traced_keys(self) -> set[str]:
         return set(self._traced.input_names) | self._traced.constants.keys()
 
-    def _make_variant(self, inputs: dict[str, Any], unpadded: bool) -> "Grafted | None":
+    def _make_variant(self, context: Context, inputs: dict[str, Any] | None) -> "Grafted | None":
+        unpadded = context.mask == UNPADDED
+        if inputs is None:
+            inputs = {**self._traced.example_inputs, **self._traced.constants}
         traced_with = ", ".join(sorted(self._traced_keys()))
         source = getattr(self, "_merged_from", None)
-        if source is not None:  # a merged module: trace its source for these inputs, merge the same way
-            grafted, names = source
-            traced = grafted._variant(inputs, unpadded)
-            if unpadded and traced is grafted:
+        if source is not None:  # a merged module: trace its source for this context, merge the same way
+            grafted, names, options = source
+            traced = grafted._resolve(context, inputs)
+            if traced is grafted:
                 return None
-            merged = traced.merge(adapters=names)
+            with warnings.catch_warnings():  # the merge this module came from reported already
+                warnings.simplefilter("ignore", UserWarning)
+                merged = traced.merge(adapters=names, **options)
             merged._unpadded = unpadded
             return merged
         if not self.retraceable:
-            if unpadded:
+            if unpadded or context.inputs == frozenset(self._traced_keys()):
                 return None
             raise GraftError(
                 f"this module was traced with inputs ({traced_with}) and got ({', '.join(sorted(inputs))}); "
                 "a module merged in place cannot re-trace: call it with the traced inputs, or graft "
                 "with example_inputs that include the others before merging")
         examples = examples_at_traced_sizes(inputs, self._traced.example_inputs)
+        examples = retarget.to_placement(examples, retarget.placement(self._model))  # the model's own
         with assume_unpadded() if unpadded else contextlib.nullcontext():
-            traced = trace(self._model, examples, dynamic=self._traced.dynamic)
+            traced = trace(self._model, examples, dynamic=self._traced.dynamic_spec, training=context.training,
+                           verify=self._traced.verify)
         if unpadded and masked_attention_count(traced.graph) >= masked_attention_count(self._base_graph):
             return None
         variant = Grafted(traced, self._model)
         variant._unpadded = unpadded
+        checkpoint.inherit(variant, self)
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)
+        retarget.follow_model(variant, self._model)  # when this module moved after grafting
         return variant
 
     def add_records(self, records: Iterable[GraftRecord]) -> None:
@@ -438,17 +501,20 @@ class Grafted(nn.Module):
             record.extras = extras.get(record.adapter, record.extras)
 
     # -- merge -----------------------------------------------------------------------------------
-    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+    def merge(self, inplace: bool = False, adapters: Iterable[str] | None = None,
+              requantize: bool = False) -> "Grafted":
         """Fold the deltas of mergeable adapters into the weights.
 
         The result's graph has the base graph's ops (plus any non-mergeable adapters). With
         ``inplace=False`` (default) merged weights are new tensors and the original model and this
         module are untouched; with ``inplace=True`` the weights are updated in their storage (which
         the original model shares) and this module is returned.
+        Quantised weights are dequantised and merged in full precision, or quantised again with
+        ``requantize=True`` (the error that adds is reported).
         """
         from .merge import merge_grafted
 
-        return merge_grafted(self, inplace=inplace, adapters=adapters)
+        return merge_grafted(self, inplace=inplace, adapters=adapters, requantize=requantize)
 
     def _derived(self, graph: fx.Graph) -> "Grafted":
         """A new Grafted over `graph` sharing this one's parameters (for merged modules)."""
@@ -467,6 +533,8 @@ class Grafted(nn.Module):
         new._active = self._active
         new._runtimes, new._variants, new._no_gain = {}, {}, set()
         new.retraceable = False
+        new._input_defaults = self._input_defaults
+        hf.install(new)
         new.training = self.training
         return new
 
@@ -475,6 +543,28 @@ class Grafted(nn.Module):
         from .io import save
 
         save(self, directory)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each block's forward in backward (per-block torch.utils.checkpoint; checkpoint.py)."""
+        checkpoint.enable(self, gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        checkpoint.disable(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.__dict__.get("_checkpointing") is not None
+
+    def save_pretrained(self, directory: str, **_: Any) -> None:
+        """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""
+        self.save(directory)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The graft's config in the state dict, so a Trainer checkpoint loads with graftlib.load (hf.py)."""
+        return hf.config_bytes(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        hf.check_config(self, state)
 
     def op_histogram(self) -> dict[str, int]:
         return op_histogram(self.runtime_module().graph)
@@ -487,17 +577,7 @@ class Grafted(nn.Module):
         return "\n".join(lines)
 
 
-def _named_spec(record: GraftRecord) -> str:
-    """The spec that rebuilds `record` (save, re-trace), with its adapter name."""
-    replay = get_method(record.method).replay_spec(record)
-    if replay is not None:
-        return replay
-    call = parse_spec(record.spec)[0]
-    if "name" in call.options:
-        return record.spec
-    inner = record.spec[record.spec.index("(") + 1 : record.spec.rindex(")")].strip()
-    sep = ", " if inner else ""
-    return f"{call.method}({inner}{sep}name={record.adapter})"
+_named_spec = named_spec  # the spec that rebuilds a record (graftlib.protocols.named_spec)
 
 
 def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
@@ -532,22 +612,33 @@ def examples_at_traced_sizes(inputs: dict[str, Any], examples: dict[str, Any]) -
 
 
 def _adopt_parameters(target: fx.GraphModule, source: fx.GraphModule) -> None:
-    """Point `target` at `source`'s parameter objects (same names), including the adapter store."""
-    source_params = dict(source.named_parameters(remove_duplicate=False))
-    for name in [n for n, _ in target.named_parameters(remove_duplicate=False)]:
-        if name in source_params:
-            owner, _, leaf = name.rpartition(".")
-            (target.get_submodule(owner) if owner else target)._parameters[leaf] = source_params[name]
+    """Point `target` at `source`'s parameter and buffer objects (same names), and its adapter store:
+    every graph of a module trains the same weights and updates the same batch-norm statistics."""
+    for kind, named in (("_parameters", source.named_parameters), ("_buffers", source.named_buffers)):
+        shared = dict(named(remove_duplicate=False))
+        mine = target.named_parameters if kind == "_parameters" else target.named_buffers
+        for name in [n for n, _ in mine(remove_duplicate=False)]:
+            if name in shared:
+                owner, _, leaf = name.rpartition(".")
+                getattr(target.get_submodule(owner) if owner else target, kind)[leaf] = shared[name]
     target._modules[STORE] = getattr(source, STORE)
 
 
-def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: bool = True) -> Grafted:
+def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: Any = True,
+          verify: bool = True) -> Grafted:
     """Trace `model` and graft `spec` into it; returns a new module, the model is not modified.
 
-    On a :class:`Grafted` module, adds the grafts to it and returns it.
+    The model is traced in its current mode (the other mode is traced on the first ``train()`` /
+    ``eval()``). ``dynamic``: True (batch and sequence axes dynamic, image and audio sizes static),
+    False, or ``{input: axes}`` (see ``graftlib.trace.DynamicSpec``). ``verify`` checks the traced graph
+    against the eager model (TraceError naming the first diverging module). On a :class:`Grafted`
+    module, adds the grafts to it and returns it.
     """
     if isinstance(model, Grafted):
         return model.add(spec)
     parse_spec(spec)  # fail on syntax before spending time tracing
-    grafted = Grafted(trace(model, example_inputs, dynamic), model)
+    grafted = Grafted(trace(model, example_inputs, dynamic, verify=verify), model)
     return grafted.add(spec)
+
+
+provide(Grafted, apply)  # merge, io, peft, ... reach Grafted only through graftlib.protocols

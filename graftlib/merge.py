@@ -5,15 +5,21 @@
 The result's graph has exactly the base graph's ops (non-mergeable adapters stay as nodes). A weight
 shared with an op outside the site (tied embeddings) gets its merged copy under a new name, so the
 other op keeps the original weight.
+
+A weight a base rewrite replaced (a quantised weight, read through its dequantise subgraph) is
+dequantised, the delta added, and stored in full precision; with ``requantize=True`` it is quantised
+again instead, and the error that adds is reported (``merged.requantization_error``, and a warning).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
+from .editor import AdapterParams, SiteParams, graft_tag
 from .errors import GraftError
 from .registry import get_method
 from .runtime import copy_graph, deactivate, eliminate_dead_code
@@ -21,7 +27,7 @@ from .select import SiteIndex
 from .sites import Site, _walk_back, weight_value
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["merge_grafted", "site_ops"]
 
@@ -29,12 +35,37 @@ aten = torch.ops.aten
 _WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.conv2d.default: 1, aten.embedding.default: 0}
 
 
+def _weight_reader(op: fx.Node) -> tuple[fx.Node, int]:
+    """(node, argument position) where `op` reads its weight: ``x @ W.T`` reads it through the transpose."""
+    if op.target in (aten.matmul.default, aten.mm.default):
+        return op.args[1], 0  # (x @ W.T): the transpose of the stored weight, sites._transposed_param
+    return op, _WEIGHT_ARG[op.target]
+
+
 def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
     """The ops that read `site`'s weight (the fused op for a slice of a fused projection)."""
     return [_walk_back(a.args[0].args[0]) if site.part and site.columns is None else a for a in anchors]
 
 
-def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
+def _rewritten(graph: fx.Graph, target: str) -> fx.Node | None:
+    """The node a base rewrite put in place of weight `target` (tagged ``role="weight"``), if any."""
+    return next((n for n in graph.nodes if (graft_tag(n) or {}).get("role") == "weight"
+                 and graft_tag(n).get("weight") == target), None)
+
+
+def base_weight(grafted: "GraftedModule", target: str) -> torch.Tensor:
+    """Weight `target` as the graph reads it: the stored tensor, or a quantised weight dequantised."""
+    node = _rewritten(grafted.graph, target)
+    if node is None:
+        return weight_value(grafted.graph_module, target)
+    tag = graft_tag(node)
+    record = grafted.adapters[tag["adapter"]]
+    params = grafted.store.tensors(tag["adapter"])[tag["site"]]
+    dtype = weight_value(grafted.graph_module, target).dtype
+    return get_method(record.method).dequantized_weight(params, tuple(tag["shape"]), record.config).to(dtype)
+
+
+def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex) -> dict[str, tuple[list[Site], torch.Tensor]]:
     """Module path -> (its sites, summed delta in the stored weight's layout)."""
     deltas: dict[str, tuple[list[Site], torch.Tensor]] = {}
     for name in names:
@@ -43,8 +74,9 @@ def _weight_deltas(grafted: "Grafted", names: list[str], index: SiteIndex) -> di
         tensors = grafted.store.tensors(name)
         for key in record.sites:
             site = index.by_key(key)
-            delta = method.delta(site, tensors[key], record.config)
-            weight = weight_value(grafted.graph_module, site.weight)
+            weight = base_weight(grafted, site.weight)
+            reads = {"weight": weight} if getattr(method, "delta_reads_weight", False) else {}  # OFT: W' - W
+            delta = method.delta(site, tensors[key], record.config, **reads)
             sites, full = deltas.get(site.path, ([], torch.zeros_like(weight)))
             if site.columns is not None:  # a strided part of a fused projection: its rows
                 rows = torch.tensor(site.columns)
@@ -75,7 +107,8 @@ def _site_group_ops(graph: fx.Graph, index: SiteIndex, sites: list[Site]) -> lis
     return list(dict.fromkeys(op for site in sites for op in site_ops(site, anchors.get(site.key, []))))
 
 
-def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[str] | None = None) -> "Grafted":
+def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Iterable[str] | None = None,
+                  requantize: bool = False) -> "GraftedModule":
     if adapters is None:
         names = [a for a in grafted.active_adapters if get_method(grafted.adapters[a].method).mergeable]
     else:
@@ -87,6 +120,11 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
                                  "it stays as graph nodes and exports as such")
     index = SiteIndex.build(grafted.graph_module)
     deltas = _weight_deltas(grafted, names, index)
+    rewritten = {path: _rewritten(grafted.graph, sites[0].weight) for path, (sites, _) in deltas.items()}
+    if inplace and any(node is not None for node in rewritten.values()):
+        path = next(p for p, node in rewritten.items() if node is not None)
+        raise GraftError(f"cannot merge in place into {path}: its weight is quantised; use merge() for "
+                         "full-precision weights or merge(requantize=True) to quantise the merged weights")
     if inplace:
         for path, (sites, _) in deltas.items():
             ops = _site_group_ops(grafted.graph, index, sites)
@@ -96,27 +134,39 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
     target = grafted if inplace else grafted._derived(copy_graph(grafted.graph))
     graph = target.graph
     gm = target.graph_module
+    errors: dict[str, float] = {}
     with torch.no_grad():
         for path, (sites, delta) in deltas.items():
             weight_name = sites[0].weight
-            weight = weight_value(gm, weight_name)
-            if inplace:
-                weight.add_(delta)
-                continue
-            merged = nn.Parameter(weight.detach() + delta, requires_grad=False)
+            if rewritten[path] is not None:
+                new_weight = base_weight(grafted, weight_name) + delta
+                if requantize:
+                    errors[path] = _requantize(target, graft_tag(rewritten[path]), new_weight)
+                    continue
+                _unquantize(target, graft_tag(rewritten[path]))
+                merged = nn.Parameter(new_weight, requires_grad=False)
+            else:
+                weight = weight_value(gm, weight_name)
+                if inplace:
+                    weight.add_(delta)
+                    continue
+                merged = nn.Parameter(weight.detach() + delta, requires_grad=False)
             ops = _site_group_ops(graph, index, sites)
             tied = _shared_elsewhere(graph, weight_name, ops)
             if tied:
                 weight_name = f"{path}.{weight_name.rsplit('.', 1)[-1]}_merged"
             owner, _, leaf = weight_name.rpartition(".")
             _ensure_module(gm, owner)._parameters[leaf] = merged
-            if tied:
-                for op in ops:
-                    with graph.inserting_before(op):
-                        getter = graph.get_attr(weight_name)
-                    args = list(op.args)
-                    args[_WEIGHT_ARG[op.target]] = getter
-                    op.args = tuple(args)
+            for op in ops:  # a tied weight's copy, or a quantised weight stored in full again
+                reader, position = _weight_reader(op)
+                reads = reader.args[position]
+                if getattr(reads, "op", None) == "get_attr" and reads.target == weight_name:
+                    continue
+                with graph.inserting_before(reader):
+                    getter = graph.get_attr(weight_name)
+                args = list(reader.args)
+                args[position] = getter
+                reader.args = tuple(args)
     deactivate(graph, [a for a in grafted.adapters if a not in names])
     eliminate_dead_code(graph)
     for name in names:
@@ -124,11 +174,62 @@ def merge_grafted(grafted: "Grafted", inplace: bool = False, adapters: Iterable[
             del target.store[name]
     target.records = [r for r in target.records if r.adapter not in names]
     target._active = tuple(a for a in target._active if a not in names)
+    _prune_base_rewrites(target)
     target.retraceable = False
     if not inplace and (grafted.retraceable or getattr(grafted, "_merged_from", None) is None):
-        target._merged_from = (grafted, tuple(names))
+        target._merged_from = (grafted, tuple(names), {"requantize": requantize})
     target._finish()
+    if errors:
+        target.requantization_error = errors
+        worst = max(errors, key=errors.get)
+        warnings.warn(f"merge(requantize=True) quantised {len(errors)} merged weights again; max abs error "
+                      f"against the full-precision merge {errors[worst]:.3g} (at {worst}); see "
+                      "merged.requantization_error", stacklevel=3)
     return target
+
+
+def _own_site_params(target: "GraftedModule", adapter: str, site: str) -> SiteParams:
+    """`target`'s own copy of one site's holder (a derived module shares holders with its source)."""
+    shared = target.store[adapter]
+    own = AdapterParams({key: holder for key, holder in shared.items()})
+    target.store[adapter] = own
+    key = next(k for k, holder in own.items() if holder.site_key == site)
+    fresh = SiteParams(site)
+    for name, buffer in own[key].named_buffers(recurse=False):
+        fresh.register_buffer(name, buffer)
+    own[key] = fresh
+    return fresh
+
+
+def _requantize(target: "GraftedModule", tag: dict[str, Any], weight: torch.Tensor) -> float:
+    """Quantise the merged `weight` into the site's tensors; returns the max abs error that adds."""
+    record = target.adapters[tag["adapter"]]
+    method = get_method(record.method)
+    holder = _own_site_params(target, tag["adapter"], tag["site"])
+    state = method.quantized_state(weight, record.config)
+    for name, value in state.items():
+        holder.register_buffer(name, value)
+    restored = method.dequantized_weight(dict(holder.named_buffers()), tuple(weight.shape), record.config)
+    return float((restored.to(weight.dtype) - weight).abs().max())
+
+
+def _unquantize(target: "GraftedModule", tag: dict[str, Any]) -> None:
+    """The site's weight is stored in full precision again: it leaves the quantising record."""
+    for record in target.records:
+        if record.adapter == tag["adapter"]:
+            record.sites = [s for s in record.sites if s != tag["site"]]
+
+
+def _prune_base_rewrites(target: "GraftedModule") -> None:
+    """Drop the tensors of sites a base rewrite no longer covers (after dead-code removal)."""
+    for record in [r for r in target.records if get_method(r.method).base_rewrite]:
+        kept = AdapterParams({k: h for k, h in target.store[record.adapter].items() if h.site_key in record.sites})
+        if len(kept):
+            target.store[record.adapter] = kept
+        else:
+            del target.store[record.adapter]
+            target.records.remove(record)
+            target._active = tuple(a for a in target._active if a != record.adapter)
 
 
 def _anchors_in(graph: fx.Graph, index: SiteIndex) -> dict[str, list[fx.Node]]:

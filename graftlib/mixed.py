@@ -32,13 +32,14 @@ from torch import fx, nn
 
 from .editor import escape
 from .errors import GraftError, near_names, require_eager
+from .lowrank import pad_rank
+from .registry import get_method
 from .runtime import specialise
 from .select import SiteIndex
 from .sites import Site
-from .unpadded import is_unpadded_call
 
 if TYPE_CHECKING:
-    from .grafted import Grafted
+    from .protocols import GraftedModule
 
 __all__ = ["mixed_forward", "mixed_module", "BASE", "INDEX_INPUT"]
 
@@ -49,20 +50,17 @@ MIXABLE = ("lora",)
 
 
 # -- entry point ---------------------------------------------------------------------------------
-def mixed_forward(g: "Grafted", kwargs: dict[str, Any], adapter_names: Sequence[str]) -> Any:
+def mixed_forward(g: "GraftedModule", kwargs: dict[str, Any], adapter_names: Sequence[str]) -> Any:
     """Run `g` on `kwargs` with row ``b`` through ``adapter_names[b]`` (``"__base__"``: no adapter)."""
     inputs = {k: v for k, v in kwargs.items() if v is not None}
     for key, value in g._traced.constants.items():
         if inputs.get(key, value) == value:
             inputs[key] = value
     names = _check_names(g, inputs, adapter_names)
-    unpadded = not g._unpadded and is_unpadded_call(g._traced.config, inputs)
-    target = g
-    if unpadded or inputs.keys() != set(g._traced.input_names) | g._traced.constants.keys():
-        target = g._variant(inputs, unpadded)
+    target = g._variant(inputs)  # this mode's graph for these inputs (g itself or a variant)
     chosen = tuple(sorted(set(names) - {BASE}))
-    if target is not g and target._unpadded:
-        mixed_module(g, chosen, refresh=False)  # build the masked graph too: torch.compile looks it up
+    if target._unpadded:  # build the masked graph too: torch.compile looks it up
+        mixed_module(g._variant(inputs, unpadded=False), chosen, refresh=False)
     module = mixed_module(target, chosen)
     slot = {name: i + 1 for i, name in enumerate(chosen)}
     device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
@@ -70,7 +68,7 @@ def mixed_forward(g: "Grafted", kwargs: dict[str, Any], adapter_names: Sequence[
     return module(**target._traced.graph_inputs(inputs), **{INDEX_INPUT: index})
 
 
-def _check_names(g: "Grafted", inputs: dict[str, Any], adapter_names: Sequence[str]) -> list[str]:
+def _check_names(g: "GraftedModule", inputs: dict[str, Any], adapter_names: Sequence[str]) -> list[str]:
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
         raise GraftError("adapter_names is a list with one adapter name (or '__base__') per batch row")
     names = list(adapter_names)
@@ -101,7 +99,7 @@ def _check_names(g: "Grafted", inputs: dict[str, Any], adapter_names: Sequence[s
 
 
 # -- building the mixed graph --------------------------------------------------------------------
-def mixed_module(g: "Grafted", names: tuple[str, ...], refresh: bool = True) -> fx.GraphModule:
+def mixed_module(g: "GraftedModule", names: tuple[str, ...], refresh: bool = True) -> fx.GraphModule:
     """The cached runtime module for this mode and these adapters (slot i+1 = names[i]); `refresh`
     restacks eval-mode factors whose parameters changed, as a call needs."""
     key = ("mixed", g.training, names)
@@ -145,7 +143,7 @@ class _Stacks(nn.Module):
         self.stamp = stamp
 
 
-def _build(g: "Grafted", names: tuple[str, ...]) -> fx.GraphModule:
+def _build(g: "GraftedModule", names: tuple[str, ...]) -> fx.GraphModule:
     graph = specialise(g.graph, (), g.training)
     module = fx.GraphModule(g.graph_module, graph)
     module.train(g.training)
@@ -166,7 +164,7 @@ def _build(g: "Grafted", names: tuple[str, ...]) -> fx.GraphModule:
     return module
 
 
-def _union_sites(g: "Grafted", names: tuple[str, ...]) -> list[str]:
+def _union_sites(g: "GraftedModule", names: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(key for name in names for key in g.adapters[name].sites))
 
 
@@ -215,7 +213,7 @@ def _leads_with_batch(size: Any, batch: Any) -> bool:
 class _Builder:
     """Inserts the gathered branch at each anchor of the mixed graph."""
 
-    def __init__(self, g: "Grafted", module: fx.GraphModule, stacks: _Stacks, index: fx.Node,
+    def __init__(self, g: "GraftedModule", module: fx.GraphModule, stacks: _Stacks, index: fx.Node,
                  names: tuple[str, ...], batch: Any):
         self.g, self.module, self.graph, self.stacks = g, module, module.graph, stacks
         self.index, self.names, self.batch = index, names, batch
@@ -242,8 +240,7 @@ class _Builder:
 
     # -- per-site factors ------------------------------------------------------------------------
     def _entries(self, site: Site) -> list[tuple[dict[str, torch.Tensor], float, float] | None]:
-        from graftlib.passes.lora import lora_scale
-
+        lora_scale = get_method("lora").scale  # through the registry: the engine does not import passes
         out = []
         for name in self.names:
             record = self.g.adapters[name]
@@ -316,14 +313,12 @@ class _Builder:
 
     # -- the branch ------------------------------------------------------------------------------
     def branch(self, site: Site, anchor: fx.Node) -> None:
-        from graftlib.passes.lora import LoRA
-
         if site.kind == "embedding":
             x = anchor.args[1]
         elif site.kind == "conv2d":
             x = anchor.args[0]
         else:
-            x = LoRA._branch_input(anchor, site)
+            x = get_method("lora").branch_input(anchor, site)
         val = x.meta.get("val") if isinstance(x, fx.Node) else None
         if val is not None and val.dim() > 0 and not _leads_with_batch(val.shape[0], self.batch):
             raise GraftError(f"mixed batches need the batch dim first, but the input of {site.key} has shape "
@@ -427,8 +422,6 @@ def _rank(site: Site, entries: list) -> int:
 
 def _stack_builders(site: Site, entries: list) -> tuple[Any, Any, list[torch.Tensor]]:
     """Callables that build the (A, B) stacks from the current parameters, and those parameters."""
-    from .peft import _pad_rank
-
     a_name, b_name = _param_names(site)
     rank, groups = _rank(site, entries), _groups(site)
     sources = [t for e in entries if e is not None for t in (e[0][a_name], e[0][b_name])]
@@ -439,7 +432,7 @@ def _stack_builders(site: Site, entries: list) -> tuple[Any, Any, list[torch.Ten
             if entry is None:
                 out.append(None)
                 continue
-            a, b = _pad_rank(entry[0][a_name].detach(), entry[0][b_name].detach(), rank, groups)
+            a, b = pad_rank(entry[0][a_name].detach(), entry[0][b_name].detach(), rank, groups)
             out.append((a, b * entry[1]))
         return out
 

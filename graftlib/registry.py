@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .errors import GraftSpecError, near_names
+from .names import name_check
+from .safety import option_bound_problem, shorten
 from .spec import GraftCall
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ def in_range(lo: float, hi: float, hi_open: bool = True) -> Callable[[Any], str 
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "name": Option("default", (str,), help="adapter name"),
+    "name": Option("default", (str,), check=name_check, help="adapter name ([A-Za-z_][A-Za-z0-9_-]{0,63})"),
     "layers": Option(None, (int, tuple), help="layer indices: 3, 0-5 or [0,2,4]"),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a name or string",
@@ -62,6 +64,12 @@ class Method:
     options: ClassVar[dict[str, Option]] = {}
     mergeable: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = True
+    #: True for rewrites of the base model itself (quantisation): no joins, kept when adapters are
+    #: disabled, not deletable; their nodes that stand for a weight are tagged ``role="weight"``.
+    base_rewrite: ClassVar[bool] = False
+    #: False when the adapter's tensors are derived from the base weights (quantised weights): a save
+    #: leaves them out and a load rebuilds them from the model.
+    saves_tensors: ClassVar[bool] = True
 
     # -- configure -----------------------------------------------------------------------------
     def configure(self, call: GraftCall, index: "SiteIndex | None" = None) -> dict[str, Any]:
@@ -109,6 +117,9 @@ class Method:
             problem = option.check(value)
             if problem:
                 raise call.option_error(key, f"{key}={value!r} {problem}")
+        bound = option_bound_problem(key, value)  # after the method's own check: its message comes first
+        if bound:
+            raise call.option_error(key, f"{key}={shorten(repr(value), 60)} {bound}")
         return value
 
     def validate(self, call: GraftCall, config: dict[str, Any]) -> None:
@@ -141,7 +152,8 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix")
+_PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize",
+                 "loha", "lokr", "oft")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -14,13 +14,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import fx
 
-from .errors import near_names
+from .errors import GraftSpecError, near_names
+from .safety import BoundedRegex
 from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
-from .spec import GraftCall, Target, parse_spec
+from .spec import GraftCall, Target
 
-__all__ = ["ALIASES", "SiteIndex", "Selection", "select", "resolve_targets"]
+__all__ = ["ALIASES", "SiteIndex", "Selection", "resolve_targets"]
 
 _ROLE_PATTERNS: dict[str, list[str]] = {
     "q": [r"(^|\.)(query|q_proj|q_lin|q|to_q|query_proj)$"],
@@ -141,7 +142,7 @@ def _pattern_sites(target: Target, sites: Sequence[Site]) -> list[Site]:
     # A slice of a fused projection is named by its key only (h.0.attn.c_attn[q]): its bare path
     # names the whole projection, a site of its own, so "c_attn" must not graft it four times.
     if target.kind == "regex":
-        pattern = re.compile(target.text)
+        pattern = BoundedRegex(target.text, "regular expression", GraftSpecError)  # time-bounded
         return [s for s in sites if pattern.fullmatch(s.key)]
     if target.kind == "glob":
         return [s for s in sites if fnmatch.fnmatchcase(s.key, target.text)]
@@ -181,24 +182,3 @@ def resolve_targets(call: GraftCall, index: SiteIndex, kinds: Iterable[str],
     if layers is not None:
         sites = [s for s in sites if s.layer in set(layers)]
     return Selection(call, sites, matched)
-
-
-def select(model_or_graph: nn.Module | fx.GraphModule, spec: str, example_inputs=None) -> list[Selection]:
-    """The sites each graft of ``spec`` would touch, without changing anything (a dry run)."""
-    from .grafted import Grafted
-    from .registry import get_method
-    from .trace import trace
-
-    if isinstance(model_or_graph, Grafted):
-        gm = model_or_graph.base_graph_module
-    elif isinstance(model_or_graph, fx.GraphModule):
-        gm = model_or_graph
-    else:
-        gm = trace(model_or_graph, example_inputs).graph_module
-    index = SiteIndex.build(gm)
-    out = []
-    for call in parse_spec(spec):
-        method = get_method(call)
-        config = method.configure(call, index)
-        out.append(method.select(call, index, config))
-    return out

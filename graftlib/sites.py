@@ -15,8 +15,9 @@ import torch
 from torch import fx
 
 from .dataflow import column_parts
+from .names import original_path
 
-__all__ = ["Site", "find_sites", "site_from_key", "weight_value"]
+__all__ = ["Site", "find_sites", "site_from_key", "weight_value", "stored_weight"]
 
 aten = torch.ops.aten
 
@@ -106,7 +107,7 @@ def _site_path(gm: fx.GraphModule, node: fx.Node, weight: str) -> str:
     calling = _module_path(node)
     if calling and calling != owner and _has_attr(gm, f"{calling}.{leaf}"):
         return calling
-    return owner
+    return original_path(gm, owner)  # the user's module name, also where it is not a safe attribute name
 
 
 def _walk_back(node: Any) -> Any:
@@ -140,23 +141,45 @@ def _walk_forward(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def _stored(arg: Any) -> Any:
+    """A weight argument through graft joins on the weight read (OFT's W', replace's copy) to its get_attr."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function":
+        tag = (arg.meta.get("custom") or {}).get("graft") or {}
+        if tag.get("role") != "join":
+            break
+        arg = arg.args[tag["base"]]
+    return arg
+
+
+def stored_weight(node: Any) -> str | None:
+    """The weight target `node` reads: a get_attr, or a base rewrite's stand-in for one (a quantised
+    weight's dequantise subgraph, tagged ``role="weight"``)."""
+    node = _stored(node)
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target
+    tag = (node.meta.get("custom") or {}).get("graft") or {}
+    return tag.get("weight") if tag.get("role") == "weight" else None
+
+
 def _linear_like(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, int, int] | None:
     """(kind, weight target, in, out) when `node` is a projection with a stored weight."""
     if node.target == aten.linear.default:
-        weight = node.args[1]
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            out_f, in_f = weight_value(gm, weight.target).shape
-            return "linear", weight.target, in_f, out_f
+        weight = stored_weight(node.args[1])
+        if weight is not None:
+            out_f, in_f = weight_value(gm, weight).shape
+            return "linear", weight, in_f, out_f
     if node.target in (aten.matmul.default, aten.mm.default) and len(node.args) == 2:
         weight = _transposed_param(node.args[1])   # x @ W.T (+ b): Falcon's FalconLinear
         if weight is not None:
             out_f, in_f = weight_value(gm, weight.target).shape
             return "linear", weight.target, in_f, out_f
     if node.target == aten.addmm.default:
-        weight = node.args[2]
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            in_f, out_f = weight_value(gm, weight.target).shape
-            return "conv1d", weight.target, in_f, out_f
+        weight = stored_weight(node.args[2])
+        if weight is not None:
+            in_f, out_f = weight_value(gm, weight).shape
+            return "conv1d", weight, in_f, out_f
     return None
 
 
@@ -268,8 +291,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
                 for part, columns in _qkv_columns(gm, node, out_f):
                     add(Site(path, kind, weight, in_f, len(columns), part, None, part, columns=columns,
                              fused_out=out_f, **common), node)
-        elif node.target == aten.conv2d.default and getattr(node.args[1], "op", "") == "get_attr":
-            weight = node.args[1].target
+        elif node.target == aten.conv2d.default and getattr(_stored(node.args[1]), "op", "") == "get_attr":
+            weight = _stored(node.args[1]).target
             out_c, in_per_group, *kernel = weight_value(gm, weight).shape
             args = list(node.args) + [None] * (7 - len(node.args))
             conv = dict(kernel=tuple(kernel), stride=args[3] or [1, 1], padding=args[4] or [0, 0],
@@ -277,8 +300,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
             path = _site_path(gm, node, weight)
             add(Site(path, "conv2d", weight, in_per_group * conv["groups"], out_c,
                      layer=_layer_of(path), module_class=_module_class(node), conv=conv), node)
-        elif node.target == aten.embedding.default and getattr(node.args[0], "op", "") == "get_attr":
-            weight = node.args[0].target
+        elif node.target == aten.embedding.default and getattr(_stored(node.args[0]), "op", "") == "get_attr":
+            weight = _stored(node.args[0]).target
             vocab, dim = weight_value(gm, weight).shape
             source = _walk_back(node.args[1])
             role = "embed" if source in placeholders and "input_ids" in source.name else None

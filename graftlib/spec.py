@@ -12,13 +12,20 @@ Errors are :class:`GraftSpecError` with a caret under the offending column.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GraftSpecError
+from .safety import BoundedRegex
 
-__all__ = ["Target", "Prefixed", "GraftCall", "parse_spec"]
+__all__ = ["Target", "Prefixed", "GraftCall", "parse_spec", "MAX_SPEC", "MAX_DEPTH", "MAX_DIGITS", "MAX_RANGE"]
+
+MAX_SPEC = 100_000   # characters in a spec
+MAX_DEPTH = 8        # nesting of [...] lists
+MAX_DIGITS = 20      # digits in a number literal
+MAX_RANGE = 100_000  # values in a range lo-hi
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,7 @@ class _Parser:
 
     def item(self, call: GraftCall) -> None:
         tok = self.tok
-        nxt = self.tokens[self.i + 1]
+        nxt = self.tokens[min(self.i + 1, len(self.tokens) - 1)]
         if tok.kind == "name" and nxt.text == "=":
             if tok.text in call.options:
                 raise self.fail(f"option {tok.text!r} is given twice", tok)
@@ -166,10 +173,7 @@ class _Parser:
             value = self.value()
             if not isinstance(value, Prefixed) or value.prefix != "re":
                 raise self.fail('a prefixed target must be re:"regex"', tok)
-            try:
-                re.compile(value.text)
-            except re.error as exc:
-                raise self.fail(f"invalid regular expression: {exc}", tok) from None
+            BoundedRegex(value.text, "regular expression", lambda m: self.fail(m, tok))
             call.targets.append(Target("regex", value.text, tok.column))
             return
         if tok.kind == "name":
@@ -185,16 +189,28 @@ class _Parser:
             raise self.fail("unexpected end of spec: close the argument list with ')'")
         raise self.fail("expected a target (q, v, \"path.*\", re:\"...\") or an option key=value")
 
-    def value(self) -> Any:
+    def number(self, tok: _Tok) -> int | float:
+        text = tok.text
+        if sum(c.isdigit() for c in text.split("e")[0].split("E")[0]) > MAX_DIGITS:
+            raise self.fail(f"number {text[:30]}... has more than {MAX_DIGITS} digits", tok)
+        if not any(c in text for c in ".eE"):
+            return int(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise self.fail(f"number {text[:30]} is too large (not a finite float)", tok)
+        return value
+
+    def value(self, depth: int = 0) -> Any:
         tok = self.tok
         self.i += 1
         if tok.kind == "number":
-            text = tok.text
-            return float(text) if any(c in text for c in ".eE") else int(text)
+            return self.number(tok)
         if tok.kind == "range":
-            lo, hi = (int(part) for part in tok.text.split("-"))
+            lo, hi = (self.number(_Tok("number", part, tok.column)) for part in tok.text.split("-"))
             if hi < lo:
                 raise self.fail(f"range {tok.text} runs backwards: write {hi}-{lo}", tok)
+            if hi - lo + 1 > MAX_RANGE:
+                raise self.fail(f"range {tok.text} has {hi - lo + 1} values; at most {MAX_RANGE}", tok)
             return tuple(range(lo, hi + 1))
         if tok.kind == "string":
             return _unquote(tok.text)
@@ -211,12 +227,16 @@ class _Parser:
                 return low == "true"
             return tok.text
         if tok.text == "[":
+            if depth >= MAX_DEPTH:
+                raise self.fail(f"lists nested more than {MAX_DEPTH} deep", tok)
             items: list[Any] = []
             if self.tok.text != "]":
-                items.append(self.value())
+                items.append(self.value(depth + 1))
                 while self.tok.text == ",":
                     self.i += 1
-                    items.append(self.value())
+                    items.append(self.value(depth + 1))
+                    if len(items) > MAX_RANGE:
+                        raise self.fail(f"a list has more than {MAX_RANGE} items", tok)
             self.expect("]", "to close the list")
             return tuple(items)
         self.i -= 1
@@ -228,4 +248,6 @@ def parse_spec(spec: str) -> list[GraftCall]:
     """Parse a spec string into its graft calls; raises :class:`GraftSpecError` with a caret."""
     if not isinstance(spec, str):
         raise GraftSpecError(f"a spec is a string such as 'lora(q,v,r=16)', not {type(spec).__name__}")
+    if len(spec) > MAX_SPEC:
+        raise GraftSpecError(f"the spec is {len(spec)} characters long; at most {MAX_SPEC}")
     return _Parser(spec).parse()

@@ -1,9 +1,14 @@
 """Front end: turn a model into the aten-level fx graph the passes rewrite.
 
 ``torch.export.export(strict=False)`` is the tracer (``torch.fx.symbolic_trace`` fails on Hugging Face
-models). The model is traced in training mode so dropout and batch norm appear as explicit nodes; the
-grafted module derives its eval-mode graph from this one. Weights are not copied: the graph module holds
-the model's own parameter storage.
+models). The model is traced in one mode (its own by default; ``training=`` forces one): a graph records
+what the forward did in that mode, so the grafted module traces each mode it runs in (see
+``graftlib.grafted.Context``) instead of rewriting one mode's graph into the other. Weights are not
+copied: the graph module holds the model's own parameter storage.
+
+After tracing, the graph is checked against the eager model on the example inputs (and, with dynamic
+dims, on one other shape); a mismatch raises a :class:`TraceError` naming the first diverging module
+(see ``graftlib.verify``). Which axes are dynamic depends on the input's kind (``dynamic_axes``).
 
 Tracing time is mostly torch.export's fake-tensor propagation under symbolic shapes (sympy arithmetic for
 every op). Three things keep it down without changing the graph (see ``_fast_tracing``): the fake outputs of
@@ -33,8 +38,10 @@ from torch.fx.experimental.sym_node import SymNode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import TraceError
+from .names import sanitize_program, sanitize_targets
+from .safety import exclusive_trace
 
-__all__ = ["Traced", "trace", "example_inputs_for", "fake_call"]
+__all__ = ["Traced", "trace", "example_inputs_for", "fake_call", "dynamic_axes", "DynamicSpec", "in_mode"]
 
 BATCH, SEQ, DEC_SEQ = 2, 7, 5  # example sizes; unusual values so no model dim coincides with them
 
@@ -48,11 +55,15 @@ class Traced:
     constants: dict[str, Any]             # non-tensor keyword inputs baked in at trace time
     example_inputs: dict[str, Any]
     model_class: str
-    dynamic: bool
+    dynamic: bool                         # some axis of some input is dynamic
     signature: inspect.Signature | None = None
     config: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
     bound: frozenset[str] = frozenset()   # constants forward takes only via **kwargs: bound, not graph inputs
+    training: bool = True                 # the mode the model was traced in
+    dynamic_spec: Any = True              # the ``dynamic=`` argument, so a re-trace makes the same axes dynamic
+    axes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input -> its dynamic axes
+    verify: bool = True                   # checked against the eager model (and re-traces are)
 
     @property
     def graph(self) -> fx.Graph:
@@ -141,22 +152,77 @@ def _as_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def _dynamic_shapes(kwargs: Mapping[str, Any], dynamic: bool) -> dict[str, Any] | None:
-    if not dynamic:
+# Dynamic axes by input kind: batch and sequence axes are dynamic; image height / width, audio feature
+# length, patch counts and feature sizes are fixed by the model's config and stay static unless asked for.
+_SEQUENCE_INPUTS = frozenset({
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "inputs_embeds",
+    "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "decoder_inputs_embeds",
+    "special_tokens_mask", "global_attention_mask", "cache_position", "start_positions", "end_positions",
+})
+_FIXED_SIZE_INPUTS = frozenset({
+    "pixel_values", "pixel_mask", "input_features", "input_values", "bool_masked_pos", "image_embeds",
+    "pixel_values_videos", "feature_attention_mask", "interpolate_pos_encoding",
+})
+
+#: ``dynamic=``: True (axes by input kind), False (static), or {input: spec} where spec is True (every
+#: axis), False / None / () (static), a collection of axis numbers, or {axis: name}; inputs not named
+#: keep their kind's default.
+DynamicSpec = Any
+
+
+def _default_axes(name: str, value: torch.Tensor) -> tuple[int, ...]:
+    if value.dim() == 0:
+        return ()
+    if name in _SEQUENCE_INPUTS:
+        return tuple(range(min(value.dim(), 2)))
+    if name in _FIXED_SIZE_INPUTS:
+        return (0,)
+    integer = not (value.is_floating_point() or value.is_complex())
+    sequence_like = (value.dim() == 2 and integer) or value.dim() == 3  # (B, S) ids, (B, S, D) vectors
+    return (0, 1) if sequence_like else (0,)
+
+
+def _axes_of(name: str, value: torch.Tensor, spec: Any) -> tuple[int, ...]:
+    if spec is True:
+        return tuple(range(value.dim()))
+    if spec is None or spec is False:
+        return ()
+    axes = tuple(spec.keys()) if isinstance(spec, Mapping) else tuple(spec)
+    for axis in axes:
+        if not isinstance(axis, int) or isinstance(axis, bool) or not -value.dim() <= axis < value.dim():
+            raise TraceError(f"dynamic={{{name!r}: {spec!r}}}: {axis!r} is not an axis of {name} "
+                             f"(shape {tuple(value.shape)}); give axis numbers 0..{value.dim() - 1}")
+    return tuple(sorted({a % value.dim() for a in axes}))
+
+
+def dynamic_axes(kwargs: Mapping[str, Any], dynamic: DynamicSpec) -> dict[str, tuple[int, ...]]:
+    """input name -> its dynamic axes, for a ``dynamic=`` argument (see ``DynamicSpec``)."""
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    if isinstance(dynamic, Mapping):
+        unknown = sorted(set(dynamic) - set(tensors))
+        if unknown:
+            raise TraceError(f"dynamic= names {', '.join(map(repr, unknown))}, not tensor inputs of the trace "
+                             f"({', '.join(tensors) or 'none'})")
+        return {k: _axes_of(k, v, dynamic[k]) if k in dynamic else _default_axes(k, v) for k, v in tensors.items()}
+    if not isinstance(dynamic, bool):
+        raise TraceError(f"dynamic= takes True, False or {{input name: axes}}, got {type(dynamic).__name__}")
+    return {k: _default_axes(k, v) if dynamic else () for k, v in tensors.items()}
+
+
+def _dynamic_shapes(kwargs: Mapping[str, Any], axes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
+    if not any(axes.values()):
         return None
-    shapes: dict[str, Any] = {}
-    for name, value in kwargs.items():
-        if not isinstance(value, torch.Tensor):
-            shapes[name] = None
-        else:
-            shapes[name] = {axis: Dim.AUTO for axis in range(value.dim())}
-    return shapes
+    return {name: {axis: Dim.AUTO for axis in axes[name]} if name in axes else None for name in kwargs}
 
 
 @contextlib.contextmanager
-def _training_mode(model: nn.Module) -> Iterator[None]:
+def in_mode(model: nn.Module, training: bool | None) -> Iterator[None]:
+    """``model`` (every submodule) in `training` mode for the block; None: as it is."""
+    if training is None:
+        yield
+        return
     modes = {module: module.training for module in model.modules()}
-    model.train()
+    model.train(training)
     try:
         yield
     finally:
@@ -164,22 +230,17 @@ def _training_mode(model: nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
-_HINTS = (
-    "pass example_inputs matching how you call the model",
-    "try dynamic=False (static shapes) if the error mentions a constraint or guard",
-    "for decoders pass use_cache=False; for attention errors load the model with "
-    "attn_implementation='eager'",
-)
-
-
-def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
-          stack_traces: bool = False) -> Traced:
-    """Trace ``model`` into an aten-level graph module (torch.export, non-strict, training mode).
+@exclusive_trace  # one trace at a time per process; torch's global flags restored on every path
+def trace(model: nn.Module, example_inputs: Any = None, dynamic: DynamicSpec = True, *,
+          stack_traces: bool = False, training: bool | None = None, verify: bool = True) -> Traced:
+    """Trace ``model`` into an aten-level graph module (torch.export, non-strict).
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs; for
-    Hugging Face models it may be omitted and is synthesised from ``model.config``. With ``dynamic``
-    the batch and sequence dims stay symbolic so the result runs on other sizes. ``stack_traces`` keeps
-    each node's Python stack trace in ``node.meta["stack_trace"]`` (off by default: ~10% of tracing time).
+    Hugging Face models it may be omitted and is synthesised from ``model.config``. ``dynamic`` chooses
+    the symbolic axes (``DynamicSpec``: by default batch and sequence axes, images and audio static).
+    ``training`` traces in that mode (default: the model's own); ``verify`` runs the graph against the
+    eager model after tracing (``graftlib.verify``). ``stack_traces`` keeps each node's Python stack
+    trace in ``node.meta["stack_trace"]`` (off by default: ~10% of tracing time).
     """
     if isinstance(model, Traced):
         return model
@@ -191,30 +252,39 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: bool = True, *,
     signature = _safe_signature(model)
     bound = _var_keyword_only(signature, constants)
     kwargs = {k: v for k, v in kwargs.items() if k not in bound}
+    axes = dynamic_axes(kwargs, dynamic)
+    mode = model.training if training is None else training
     try:
-        with _training_mode(model), _fast_tracing(stack_traces), _bound_forward(model, bound):
-            program = torch.export.export(
-                model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs, dynamic), strict=False
-            )
-    except Exception as exc:  # torch raises many types; the user needs one message
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hints = "; ".join(_HINTS)
-        raise TraceError(
-            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {reason}\n"
-            f"what to try: {hints}"
-        ) from exc
+        with in_mode(model, training), _fast_tracing(stack_traces), _bound_forward(model, bound):
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs, axes),
+                                          strict=False)
+    except Exception as exc:  # torch raises many types; the user needs one short message
+        from .verify import explain_trace_failure
+
+        raise TraceError(explain_trace_failure(type(model).__name__, exc)) from exc
     with _use_lazy_graph_module(True):
+        renamed = sanitize_program(program)  # user module names ('a"b') never reach generated source
         graph_module = program.module()
+    sanitize_targets(graph_module, renamed)  # user module names ('a"b') never reach generated source
+    if verify:
+        from .verify import verify_trace
+
+        with in_mode(model, training):
+            verify_trace(model, graph_module, kwargs, bound, axes, mode)
     return Traced(
         graph_module=graph_module,
         input_names=tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)),
         constants=constants,
         example_inputs=kwargs,
         model_class=type(model).__name__,
-        dynamic=dynamic,
+        dynamic=any(axes.values()),
         signature=signature,
         config=_config(model),
         bound=frozenset(bound),
+        training=mode,
+        dynamic_spec=dynamic,
+        axes=axes,
+        verify=verify,
     )
 
 

@@ -294,7 +294,5 @@ def _target_module(g: Any, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]
     call_inputs = {k: v for k, v in inputs.items() if v is not None}
     for key, value in g._traced.constants.items():
         call_inputs.setdefault(key, value)
-    if call_inputs.keys() == set(g.input_names) | g._traced.constants.keys():
-        return g, call_inputs
-    return g._variant(call_inputs), call_inputs
+    return g._variant(call_inputs), call_inputs  # this mode's graph for these inputs
 

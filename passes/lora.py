@@ -13,6 +13,8 @@ factorisation per group (A: ``groups`` blocks of r channels, B: grouped 1x1).
 
 Merge: ``W += s * B @ A`` (Conv1D stores W as (in, out): ``W += (s * B @ A)^T``; conv:
 ``einsum('or,rikl->oikl')`` per group; embedding: ``E += (s * B @ A)^T``).
+
+PEFT's format: ``peft_check`` / ``peft_import`` / ``peft_export`` live in passes/lora_peft.py.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site, _walk_back
 from graftlib.spec import GraftCall
 
-__all__ = ["LoRA", "lora_scale", "lora_delta"]
+__all__ = ["LoRA", "lora_scale", "lora_delta", "peft_check", "peft_import", "peft_export"]
 
 aten = torch.ops.aten
 
@@ -124,6 +126,16 @@ class LoRA(Method):
         editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
     @staticmethod
+    def scale(config: dict[str, Any]) -> float:
+        """``s`` of the branch (combine and mixed batches read it through the registry)."""
+        return lora_scale(config)
+
+    @staticmethod
+    def branch_input(anchor: Any, site: Site) -> Any:
+        """The node the branch reads (mixed batches build their branch on it)."""
+        return LoRA._branch_input(anchor, site)
+
+    @staticmethod
     def _branch_input(anchor: Any, site: Site) -> Any:
         if site.part is None or site.columns is not None:
             return anchor.args[1] if site.kind == "conv1d" else anchor.args[0]
@@ -151,3 +163,6 @@ class LoRA(Method):
         else:
             a, b = params["lora_A"], params["lora_B"]
         return lora_delta(site, a.detach(), b.detach(), lora_scale(config))
+
+
+from graftlib.passes.lora_peft import peft_check, peft_export, peft_import  # noqa: E402  PEFT's format

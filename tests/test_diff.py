@@ -151,7 +151,7 @@ def test_text_and_dot(bert_lora):
     lines = text.splitlines()
     assert lines[:2] == ["--- BertModel [eval]", "+++ BertModel + lora[default] [eval]"]
     assert lines[2] == ("+ encoder.layer.{0-1}.attention.self.query  lora[default]: linear(x,A) -> linear(.,B) "
-                        "-> add alpha=1.0  (x2, +5 nodes each, 1 rerouted each)")
+                        "-> add scale=1.0  (x2, +5 nodes each, 1 rerouted each)")
     assert lines[-1] == ("4 sites, 1 adapter: +20 inserted, -0 removed, ~4 rerouted, 0 changed, "
                          "0 weights changed")
     assert "\x1b[" not in text and "\x1b[32m+" in d.format_text(color=True)
@@ -208,7 +208,7 @@ def test_onnx_files(onnx_pair, bert_lora):
     assert sum(n.kind == "param" for n in d.inserted) == len(graft_inits) == 8
     assert all(s.adapter == "default" and s.method == "lora" for s in d.sites)
     fx_chain = [item.label for item in bert_lora[2].diff().sites[0].chain]
-    assert [item.label for item in d.sites[0].chain] == [label.replace(" alpha=1.0", "") for label in fx_chain]
+    assert [item.label for item in d.sites[0].chain] == [label.replace(" scale=1.0", "") for label in fx_chain]
     assert diff(str(base), str(base)).empty
 
 
@@ -273,3 +273,74 @@ def test_cli_errors(saved_graft, tmp_path, capsys):
     usage = _cli("a.onnx")
     assert usage.returncode == 2 and "two .onnx files" in usage.stderr
     assert _cli(str(saved_graft / "graft"), "--format", "svg").returncode == 2
+
+
+# -- the documented call and the labels (#23) --------------------------------------------------------
+def _linear_lora(spec: str) -> graftlib.Grafted:
+    torch.manual_seed(0)
+    return graftlib.apply(nn.Sequential(nn.Linear(8, 8)), spec, example_inputs=(torch.randn(2, 8),)).eval()
+
+
+def test_graftlib_diff_is_the_function_and_the_package():
+    g = _linear_lora('lora("0", r=2)')
+    called = graftlib.diff(g.base_graph_module, g)
+    assert isinstance(called, GraphDiff) and graftlib.diff.GraphDiff is GraphDiff
+    assert called.to_dict() == graftlib.diff.diff(g.base_graph_module, g).to_dict()
+    assert called.sites == diff(_base(g), g).sites
+    assert called.counts()["inserted"] == sum(_tagged_per_site(g).values()) == 5
+    with pytest.raises(TypeError):
+        graftlib.diff(g)                                   # both sides are needed, as for diff.diff
+
+
+@pytest.mark.parametrize("spec,scale", [('lora("0", r=4, alpha=8)', 8 / 4), ('lora("0", r=2)', 2 / 2),
+                                        ('lora("0", r=4, alpha=6, rslora=true)', 6 / 4 ** 0.5)])
+def test_join_label_shows_the_scale(spec: str, scale: float):
+    g = _linear_lora(spec)
+    (site,) = g.diff().sites
+    join = site.chain[-1]
+    text = format(scale, ".6g")
+    text = text if "." in text or "e" in text else text + ".0"          # 2.0, 1.0, 3.0: a float
+    assert join.role == "join" and join.label == f"add scale={text}" and "alpha" not in str(g.diff())
+    (node,) = [n for n in g.runtime_module().graph.nodes if (n.meta.get("custom") or {}).get("graft", {}).get(
+        "role") == "join"]
+    assert node.kwargs["alpha"] == pytest.approx(scale)    # the label is aten.add's alpha: the LoRA scale
+
+
+def test_html_count_pill_separates_ops_from_parameters():
+    g = _linear_lora('lora("0", r=2)')
+    tags = [(n.op, (n.meta.get("custom") or {}).get("graft")) for n in g.runtime_module().graph.nodes]
+    ops = sum(1 for op, tag in tags if tag and op == "call_function")
+    params = sum(1 for n in g.runtime_module().graph.nodes if n.op == "get_attr" and str(n.target).startswith("graft."))
+    (site,) = g.diff().sites
+    assert (ops, params) == (len(site.chain), 2) == (3, 2)  # one pill per op is drawn beside the count
+    page = g.diff().to_html()
+    assert f">+{ops} ops +{params} params</text>" in page and ">+5</text>" not in page
+
+
+def test_html_assets_are_package_data():
+    from importlib import resources
+
+    files = resources.files("graftlib.diff")
+    css, js = files.joinpath("html.css").read_text(), files.joinpath("html.js").read_text()
+    page = _linear_lora('lora("0", r=2)').diff().to_html()
+    assert css.strip() in page and js.strip() in page and "var(--highlight)" in css
+    assert f"--highlight:{graftlib.diff.HIGHLIGHT}" in page
+
+
+def test_cli_help_describes_every_option_and_shows_examples():
+    from graftlib.tools.diff_cli import build_parser
+
+    parser = build_parser()
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    text = parser.format_help()
+    assert "--format {text,json,dot,html}" in text and "examples:" in text
+    assert "graftlib-diff graft-dir --format html -o diff.html" in text
+
+
+def test_every_cli_help_ends_with_examples():
+    from graftlib.tools import demo, diff_cli, export_cli
+
+    for module, prog in ((diff_cli, "graftlib-diff"), (export_cli, "graftlib-export"), (demo, "graftlib-demo")):
+        text = module.build_parser().format_help()
+        examples = text[text.index("\nexamples:\n"):].splitlines()[2:]
+        assert len(examples) >= 2 and all(line.startswith(f"  {prog}") for line in examples if line), prog

@@ -4,7 +4,7 @@ prints the README's table: ``python -m graftlib.tools.matrix``).
 
 The default run covers the families the dataflow discovery is about (fused q/k/v cut by chunk /
 select / slice / index, ``x @ W.T``, ffn and norms found by structure) on the fast cells; the rest
-of the matrix is marked ``slow`` (``pytest -m slow tests/test_matrix.py``; CI runs both).
+of the matrix is marked ``slow`` (``pytest -m slow tests/test_matrix.py``; not run by CI yet).
 Known refusals are strict xfails whose reason is the README's exception text: a fix fails the test
 until the table is updated.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from graftlib.select import select
+from graftlib.preview import select
 from graftlib.tools import matrix
 from graftlib.tools.matrix_families import FAMILIES
 

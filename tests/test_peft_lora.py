@@ -260,7 +260,7 @@ def test_base_model_mismatch_names_key_and_shapes(tmp_path):
     ("extra_tensor", "which BertModel does not have"),
     ("dora", "not supported: use_dora=True"),
     ("pissa", "not supported: init_lora_weights='pissa'"),
-    ("loha", "not supported: peft_type='LOHA'"),
+    ("boft", "not supported: peft_type='BOFT'"),
     ("bias", "not supported: bias='all'"),
 ])
 def test_bad_checkpoints_fail_clearly_and_change_nothing(damage, expected, tmp_path):
@@ -287,7 +287,7 @@ def test_bad_checkpoints_fail_clearly_and_change_nothing(damage, expected, tmp_p
         save_file(state, weights)
     else:
         changes = {"dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
-                   "loha": {"peft_type": "LOHA"}, "bias": {"bias": "all"}}[damage]
+                   "boft": {"peft_type": "BOFT"}, "bias": {"bias": "all"}}[damage]
         config_path.write_text(json.dumps({**config, **changes}))
     before = _snapshot(case["g"], case["inputs"])
     with pytest.raises(graftlib.LoadError) as error:

@@ -2,6 +2,7 @@
 
     python -m graftlib.tools.bench               # full run (bert-base + a Llama-shaped model), ~20 min
     python -m graftlib.tools.bench --quick       # tiny models, a smoke run
+    python -m graftlib.tools.bench --only checkpointing   # one section (saved-for-backward bytes, ~1 min)
 
 Contenders are interleaved (each repetition times every contender once, in rotating order) and the
 table reports medians and ratios. Memory and the 1B-scale apply run in fresh subprocesses so their
@@ -122,7 +123,7 @@ def bench_apply(m: Models, reps: int) -> list[Row]:
     import graftlib
 
     model = m.build()
-    trace_t, apply_t, peft_t = [], [], []
+    trace_t, apply_t, peft_t, unverified_t = [], [], [], []
 
     def timed(times: list[float], fn: Callable[[], Any]) -> None:
         gc.collect()  # the previous result's reference cycles are freed here, not inside the next timing
@@ -133,11 +134,35 @@ def bench_apply(m: Models, reps: int) -> list[Row]:
     for _ in range(reps):
         timed(trace_t, lambda: graftlib.trace(model))
         timed(apply_t, lambda: graftlib.apply(model, "lora(q,v,r=16)"))
+        timed(unverified_t, lambda: graftlib.apply(model, "lora(q,v,r=16)", verify=False))
         fresh = copy.deepcopy(model)
         timed(peft_t, lambda: _peft(fresh, m.targets))
     med = lambda v: 1000 * statistics.median(v)  # noqa: E731
     return [Row("1 apply", f"{m.name} lora(q,v,r=16), dynamic dims", med(apply_t), med(peft_t),
-                note=f"trace alone {med(trace_t):.0f} ms")]
+                note=f"trace alone {med(trace_t):.0f} ms (verified), verify=False {med(unverified_t):.0f} ms")]
+
+
+def bench_apply_swin(quick: bool, reps: int) -> list[Row]:
+    """Swin (drop_path_rate 0.1): images keep static sizes, batch dynamic; then the eval graph's trace."""
+    import graftlib
+    import transformers as T
+
+    config = T.SwinConfig() if not quick else T.SwinConfig(image_size=32, patch_size=4, embed_dim=16,
+                                                           depths=[1, 1], num_heads=[2, 2], window_size=4)
+    model = T.SwinModel(config).train()
+    apply_t, eval_t = [], []
+    for _ in range(reps):
+        gc.collect()
+        start = time.perf_counter()
+        g = graftlib.apply(model, "lora(q,v,r=16)")
+        apply_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        g.eval()  # traces the eval-mode graph and replays the graft
+        eval_t.append(time.perf_counter() - start)
+    med = lambda v: 1000 * statistics.median(v)  # noqa: E731
+    name = "swin-tiny" if not quick else "swin (tiny config)"
+    return [Row("1 apply", f"{name} lora(q,v,r=16), train mode, batch dynamic", med(apply_t),
+                note=f"first eval() {med(eval_t):.0f} ms")]
 
 
 def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -406,6 +431,73 @@ def bench_memory(quick: bool) -> list[Row]:
     ]
 
 
+def saved_for_backward_bytes(module: torch.nn.Module, inputs: dict[str, Any]) -> int:
+    """Bytes autograd keeps for backward after one forward: every tensor saved by an op (through
+    ``saved_tensors_hooks``, unique storages) plus the block inputs a checkpointed block keeps to recompute
+    (non-reentrant checkpointing stores those outside the hooks, so they are counted where it takes them)."""
+    from graftlib import checkpoint as ckpt
+
+    storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def keep(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        keep(tensor)
+        return tensor
+
+    original = ckpt.Checkpointed.forward
+
+    def counted(self: Any, *args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and torch.is_grad_enabled():
+                keep(arg)
+        return original(self, *args)
+
+    ckpt.Checkpointed.forward = counted
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(**inputs)
+        del out
+    finally:
+        ckpt.Checkpointed.forward = original
+    return sum(storages.values())
+
+
+def bench_checkpointing(quick: bool) -> list[Row]:
+    """Saved-for-backward bytes with and without per-block checkpointing: 12 layers, batch 8 x 512."""
+    import graftlib
+    from transformers import BertConfig, BertModel
+
+    hidden, seq = (64, 128) if quick else (256, 512)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=4, intermediate_size=4 * hidden,
+                     max_position_embeddings=max(512, seq))
+    torch.manual_seed(0)
+    base = BertModel(cfg).eval()
+    g = graftlib.apply(base, "lora(q,v,r=16)").train()
+    m = Models("bert-12", lambda: base, ["query", "value"], cfg.vocab_size, token_types=True)
+    x = _inputs(m, 8, seq)
+    with torch.no_grad():
+        g(**x)  # builds the graph for unpadded batches outside the measurement
+    without = saved_for_backward_bytes(g, x)
+    g.gradient_checkpointing_enable()
+    with_ckpt = saved_for_backward_bytes(g, x)
+    peft = _peft(copy.deepcopy(base), m.targets).train()
+    peft_bytes = saved_for_backward_bytes(peft, x)
+    mib = 1024 * 1024
+    case = f"bert 12 x {hidden}, batch 8 x {seq}, lora(q,v,r=16)"
+    return [
+        Row("9 checkpointing: saved for backward, no checkpointing", case, without / mib, peft=peft_bytes / mib,
+            unit="MiB", note="saved_tensors_hooks, unique storages; PEFT the same model without checkpointing"),
+        Row("9 checkpointing: saved for backward, g.gradient_checkpointing_enable()", case, with_ckpt / mib,
+            base=without / mib, unit="MiB",
+            note=f"block inputs included; x{with_ckpt / without:.3f} of no checkpointing (graftlib/base column)"),
+    ]
+
+
 def to_markdown(rows: list[Row]) -> str:
     lines = ["| section | case | graftlib | PEFT | base | graftlib/PEFT | graftlib/base | note |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -424,7 +516,7 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
-SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory")
+SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,14 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     jobs: list[tuple[str, Callable[[], list[Row]]]] = []
     for m in models:
-        jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))),
+        jobs += [("apply", lambda m=m: bench_apply(m, max(3, reps // 3))
+                  + (bench_apply_swin(args.quick, max(3, reps // 5)) if m is models[0] else [])),
                  ("forward", lambda m=m: bench_forward(m, shapes, reps)),
                  ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2)))]
     jobs += [("compile", lambda: bench_compile_time(models[0], args.quick, max(1, reps // 5))
               + bench_train(models[0], shapes, max(5, reps // 2), compiled=True)),
              ("mixed", lambda: bench_mixed(models[0], mixed_shapes, reps)),
              ("onnx", lambda: bench_onnx(models[0], reps)),
-             ("memory", lambda: bench_memory(args.quick))]
+             ("memory", lambda: bench_memory(args.quick)),
+             ("checkpointing", lambda: bench_checkpointing(args.quick))]
     for section, job in jobs:
         if section not in only:
             continue

@@ -45,6 +45,11 @@ __all__ = ["main", "build_parser", "run", "Demo", "SentenceClassifier", "load_re
 PROG = "graftlib-demo"
 DEFAULT_SPEC = "lora(q,v,r=16)"
 DEFAULT_OUT = "graftlib-demo-out"
+CLI_EXAMPLES = f"""examples:
+  {PROG}                                       # {DEFAULT_SPEC}, 100 steps, into ./{DEFAULT_OUT}
+  {PROG} --spec "adapter(ffn,m=32)" --steps 200 --out demo-adapter
+  {PROG} --model hf-encoder-dir --force        # another local encoder checkpoint
+"""
 LABELS = ("negative", "positive")
 EXAMPLES = (
     "An absolute delight from start to finish, I would happily watch it again tomorrow.",
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true",
                         help="write into an existing non-empty --out, replacing the demo's own files")
+    parser.epilog, parser.formatter_class = CLI_EXAMPLES, argparse.RawDescriptionHelpFormatter
     return parser
 
 

@@ -21,14 +21,24 @@ from graftlib.tools.export_cli import _load_hf, _read_graft
 __all__ = ["main", "build_parser"]
 
 PROG = "graftlib-diff"
+EXAMPLES = """examples:
+  graftlib-diff graft-dir                              # against the base model graft.json names
+  graftlib-diff graft-dir --model base-dir             # against another copy of the base model
+  graftlib-diff graft-dir --format html -o diff.html   # module tree and each site's branch
+  graftlib-diff base.onnx grafted.onnx --format json   # two ONNX exports of one model
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Show what graftlib's passes inserted into a model.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Show what graftlib's passes inserted into a model.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="a saved graft directory (g.save), or two .onnx files: base then grafted")
     parser.add_argument("--model", metavar="DIR", help="the base model directory (default: the one graft.json names)")
-    parser.add_argument("--format", choices=("text", "json", "dot", "html"), default="text")
+    parser.add_argument("--format", choices=("text", "json", "dot", "html"), default="text",
+                        help="text: one line per site (default); json: every node, for scripts "
+                             "(GraphDiff.from_dict reads it back); dot: Graphviz (dot -Tsvg); html: one "
+                             "self-contained page with the module tree and each site's branch")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     parser.add_argument("--verbose", action="store_true", help="text: every site and node, no collapsing")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",

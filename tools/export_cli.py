@@ -23,6 +23,12 @@ from graftlib.tools._cli import CliFailure, named_base, one_line, run_guarded
 __all__ = ["main", "default_model_dir", "build_parser"]
 
 PROG = "graftlib-export"
+EXAMPLES = """examples:
+  graftlib-export --merge model.onnx                         # the bundled MiniLM, no adapter
+  graftlib-export --model graft-dir --merge out.onnx         # a g.save() directory (it names its base)
+  graftlib-export --model hf-dir --spec "lora(q,v)" out.onnx # graft on the fly, adapters as nodes
+  graftlib-export --model hf-dir --adapter graft-dir --static --no-verify out.onnx
+"""
 
 
 def default_model_dir() -> Path:
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store weights in <output>.data (automatic above 1.5 GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--debug", action="store_true", help="show warnings and tracebacks")
+    parser.epilog, parser.formatter_class = EXAMPLES, argparse.RawDescriptionHelpFormatter
     return parser
 
 

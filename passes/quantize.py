@@ -1,0 +1,275 @@
+"""Quantize: a frozen base weight stored packed and dequantised in the graph where it is read.
+
+    linear(x, W, b)        ->  linear(x, dequant(Q), b)
+    addmm(b, x, W) (Conv1D) -> addmm(b, x, dequant(Q))
+
+``bits=4`` is QLoRA's NF4, stored exactly as bitsandbytes stores it: two 4-bit NormalFloat codes per
+byte (high nibble first), one absmax per block of 64 weights (the last block may be partial), and the absmaxes double-quantised
+(minus their mean, then 8-bit dynamic codes per block of 256 with an fp32 scale each):
+
+    W[i]      = NF4[code[i]] * absmax[i // 64]                       # (out * in,) -> (out, in)
+    absmax[j] = DYNAMIC[qabsmax[j]] * absmax2[j // 256] + offset
+
+``bits=8`` is int8 weight-only, symmetric per output row: ``W[o, :] = q[o, :] * scale[o]`` with
+``scale = max|W[o, :]| / 127``.
+
+The dequantise subgraph is plain aten ops (integer div / remainder, index, mul, add), so it composes
+with every other pass and exports to ONNX as Div / Mod / Gather / Mul. A LoRA branch on a quantised
+projection (``quantize(all-linear, bits=4) + lora(q, v)``) is added beside the linear as usual and
+trains in the compute dtype: that is QLoRA.
+
+Quantisation belongs to the base, not to an adapter: ``disable_adapters()`` keeps it, and the fp32
+weights it replaced are released from the grafted module (stand-ins of one element keep their shape;
+re-traces use a skeleton of the model with the same stand-ins), so memory really drops once the caller lets go of the
+original model. ``merge()`` dequantises and adds the deltas: the merged module holds full-precision
+weights, or, with ``merge(requantize=True)``, the merged weights quantised again, with the
+requantisation error reported (``merged.requantization_error``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from graftlib.editor import Editor, graft_tag
+from graftlib.registry import Method, Option, register
+from graftlib.sites import Site, weight_value
+from graftlib.spec import GraftCall
+
+__all__ = ["Quantize", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "quantize_int8",
+           "dequantize_int8", "quantize_weight", "dequantize_weight", "is_released", "skeleton"]
+
+aten = torch.ops.aten
+
+#: QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) with an exact zero), as bitsandbytes has them.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=torch.float32)
+
+BLOCK = 64          # weights per absmax (QLoRA)
+ABSMAX_BLOCK = 256  # absmaxes per second-level scale (double quantisation)
+
+
+def _dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``): 256 sorted levels in [-1, 1]."""
+    data: list[float] = []
+    exponent_bits, non_sign_bits = 7, 7
+    for i in range(exponent_bits):
+        items = 2 ** (i + non_sign_bits - exponent_bits) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-(exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+DYNAMIC_CODE = _dynamic_code()
+
+
+def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of the sorted `code` for each value (ties go up, as bitsandbytes)."""
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+
+
+def _blockwise(flat: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax per block) of a 1-D float tensor; a last partial block is padded with zeros,
+    which leaves its absmax (and every other code) as bitsandbytes computes them."""
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % block)])
+    blocks = flat.reshape(-1, block)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    return _nearest(scaled, code), absmax
+
+
+def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NF4 with double-quantised absmax; the tensors bitsandbytes' ``quantize_4bit(compress_statistics=True)``
+    produces: ``packed`` (n/2,) uint8, ``qabsmax`` (blocks,) uint8, ``absmax2`` (ceil(blocks/256),),
+    ``offset`` () — the last absmax block padded, which leaves the first `blocks` values unchanged."""
+    flat = weight.detach().reshape(-1).float()
+    codes, absmax = _blockwise(flat, BLOCK, NF4_CODE)
+    codes = codes[: flat.numel() + flat.numel() % 2]  # (n rounded up to even,)
+    packed = (codes[::2] << 4) | codes[1::2]
+    offset = absmax.mean()
+    centred = absmax - offset
+    qabsmax, absmax2 = _blockwise(centred, ABSMAX_BLOCK, DYNAMIC_CODE)
+    return {"packed": packed, "qabsmax": qabsmax[: centred.numel()].clone(), "absmax2": absmax2, "offset": offset}
+
+
+def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The fp32 weight of `shape` (eager twin of the graph's subgraph: the same ops, the same result)."""
+    absmax = _absmax(state)
+    packed = state["packed"]
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1).long()  # (n rounded up to even,)
+    values = NF4_CODE.to(packed.device)[codes]
+    values = torch.cat([values, values.new_zeros(absmax.numel() * BLOCK - values.numel())])
+    weight = values.reshape(-1, BLOCK) * absmax.reshape(-1, 1)                  # (blocks, 64)
+    return weight.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def _absmax(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    qabsmax = state["qabsmax"]
+    blocks = qabsmax.numel()
+    levels = DYNAMIC_CODE.to(qabsmax.device)[qabsmax.long()]                     # (blocks,)
+    levels = torch.cat([levels, levels.new_zeros(-blocks % ABSMAX_BLOCK)]).reshape(-1, ABSMAX_BLOCK)
+    return (levels * state["absmax2"].reshape(-1, 1)).reshape(-1)[:blocks] + state["offset"]
+
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric per-row int8: ``q`` (out, in) int8 and ``scale`` (out, 1)."""
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-38) / 127.0
+    q = torch.clamp(torch.round(rows / scale), -127, 127).to(torch.int8)
+    return {"q": q, "scale": scale}
+
+
+def dequantize_int8(state: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return (state["q"].float() * state["scale"]).reshape(shape)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    return quantize_nf4(weight) if bits == 4 else quantize_int8(weight)
+
+
+def dequantize_weight(state: dict[str, torch.Tensor], shape: tuple[int, ...], bits: int) -> torch.Tensor:
+    return dequantize_nf4(state, shape) if bits == 4 else dequantize_int8(state, shape)
+
+
+def _bits(value: Any) -> str | None:
+    return None if value in (4, 8) else "must be 4 (NF4) or 8 (int8)"
+
+
+@register
+class Quantize(Method):
+    name = "quantize"
+    site_kinds = ("linear", "conv1d")
+    options = {"bits": Option(4, (int,), _bits, help="4: NF4 with double quantisation; 8: int8 per row")}
+    base_rewrite = True    # part of the base model: kept when adapters are disabled, never deactivated
+    saves_tensors = False  # g.save() stores the spec; a load quantises the base weights again (same bits)
+
+    def configure(self, call: GraftCall, index: Any = None) -> dict[str, Any]:
+        config = super().configure(call, index)
+        if "name" not in call.options:
+            config["name"] = "quantize"  # not "default": that is the adapter a lora(...) beside it takes
+        return config
+
+    def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
+        if site.part is not None:
+            raise call.error(f"quantize stores whole weights; {site.key} is a slice of {site.path}: "
+                             f"target the fused projection ({site.path.rsplit('.', 1)[-1]})")
+
+    def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
+        anchor = editor.anchor
+        position = 2 if site.kind == "conv1d" else 1
+        weight_node = anchor.args[position]
+        if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr"):
+            return  # already quantised (a second anchor of a shared weight reads the first's tensors)
+        weight = weight_value(editor.gm, weight_node.target)
+        shape, dtype = tuple(weight.shape), weight.dtype
+        state: dict[str, torch.Tensor] = {}
+        names = ("packed", "qabsmax", "absmax2", "offset") if config["bits"] == 4 else ("q", "scale")
+
+        def make(name: str):
+            return lambda: state.setdefault("all", quantize_weight(weight, config["bits"]))[name]
+
+        with editor.before(anchor):
+            params = {n: editor.param(n, make(n), trainable=False) for n in names}
+            dequant = self._dequant_nodes(editor, params, shape, config["bits"])
+            if dtype != torch.float32:
+                dequant = editor.call(aten._to_copy.default, dequant, dtype=dtype)
+        graft_tag(dequant).update(role="weight", weight=weight_node.target, shape=list(shape))
+        anchor.replace_input_with(weight_node, dequant)
+        if not weight_node.users:
+            editor.graph.erase_node(weight_node)
+
+    @staticmethod
+    def _dequant_nodes(editor: Editor, p: dict[str, fx.Node], shape: tuple[int, ...], bits: int) -> fx.Node:
+        if bits == 8:
+            q = editor.call(aten._to_copy.default, p["q"], dtype=torch.float32)
+            return editor.call(aten.view.default, editor.call(aten.mul.Tensor, q, p["scale"]), list(shape))
+        numel = math.prod(shape)
+        blocks = -(-numel // BLOCK)
+        padded = blocks + (-blocks % ABSMAX_BLOCK)
+        dynamic = editor.param("dynamic_code", lambda: DYNAMIC_CODE.clone(), trainable=False)
+        nf4 = editor.param("nf4_code", lambda: NF4_CODE.clone(), trainable=False)
+        # absmax = DYNAMIC[qabsmax] * absmax2 (per 256 blocks) + offset           # (blocks,)
+        levels = editor.call(aten.index.Tensor, dynamic,
+                             [editor.call(aten._to_copy.default, p["qabsmax"], dtype=torch.int64)])
+        if padded != blocks:
+            levels = editor.call(aten.constant_pad_nd.default, levels, [0, padded - blocks], 0.0)
+        levels = editor.call(aten.view.default, levels, [-1, ABSMAX_BLOCK])
+        scaled = editor.call(aten.mul.Tensor, levels, editor.call(aten.view.default, p["absmax2"], [-1, 1]))
+        scaled = editor.call(aten.view.default, scaled, [-1])
+        if padded != blocks:
+            scaled = editor.call(aten.slice.Tensor, scaled, 0, 0, blocks)
+        absmax = editor.call(aten.add.Tensor, scaled, p["offset"])
+        # codes: high nibble first, two per byte                                  # (n,)
+        high = editor.call(aten.div.Scalar_mode, p["packed"], 16, rounding_mode="floor")  # packed >> 4
+        low = editor.call(aten.remainder.Scalar, p["packed"], 16)                          # packed & 15
+        codes = editor.call(aten.view.default, editor.call(aten.stack.default, [high, low], -1), [-1])
+        codes = editor.call(aten._to_copy.default, codes, dtype=torch.int64)
+        values = editor.call(aten.index.Tensor, nf4, [codes])                     # (n rounded up to even,)
+        if blocks * BLOCK != numel + numel % 2:  # a last partial block
+            values = editor.call(aten.constant_pad_nd.default, values, [0, blocks * BLOCK - numel - numel % 2], 0.0)
+        values = editor.call(aten.view.default, values, [blocks, BLOCK])
+        weight = editor.call(aten.mul.Tensor, values, editor.call(aten.view.default, absmax, [-1, 1]))
+        weight = editor.call(aten.view.default, weight, [-1])
+        if blocks * BLOCK != numel:
+            weight = editor.call(aten.slice.Tensor, weight, 0, 0, numel)
+        return editor.call(aten.view.default, weight, list(shape))
+
+    # -- after grafting: release what the graph no longer reads -----------------------------------
+    def after_add(self, grafted: Any, record: Any) -> None:
+        """Drop the fp32 weights the canonical graph stopped reading and re-trace from a skeleton."""
+        gm = grafted.graph_module
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        released = set()
+        for node in gm.graph.nodes:
+            tag = graft_tag(node)
+            if tag and tag.get("pass") == self.name and tag.get("role") == "weight" and tag["weight"] not in read:
+                released.add(tag["weight"])
+        for target in released:
+            owner, _, leaf = target.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            if leaf in module._parameters and not is_released(module._parameters[leaf]):
+                module._parameters[leaf] = _released(module._parameters[leaf])
+        model = grafted._model
+        if model is not None and any(not is_released(weight_value(model, t)) for t in released):
+            object.__setattr__(grafted, "_model", skeleton(model, released))
+
+    def quantized_state(self, weight: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return quantize_weight(weight, config["bits"])
+
+    def dequantized_weight(self, params: dict[str, torch.Tensor], shape: tuple[int, ...],
+                           config: dict[str, Any]) -> torch.Tensor:
+        return dequantize_weight(params, shape, config["bits"])
+
+
+def _released(param: torch.Tensor) -> nn.Parameter:
+    """A stand-in of `param`'s shape, dtype and device holding one element (stride 0): tracing and
+    shape lookups see the weight, memory does not."""
+    return nn.Parameter(param.new_zeros(()).expand(param.shape), requires_grad=False)
+
+
+def is_released(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
+
+
+def skeleton(model: nn.Module, targets: set[str]) -> nn.Module:
+    """A copy of `model` sharing every tensor except `targets` (parameter paths), which are released."""
+    memo: dict[int, Any] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in targets:
+            memo[id(param)] = _released(param)
+        else:
+            memo[id(param)] = param
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(model, memo)
+
