@@ -35,9 +35,16 @@ aten = torch.ops.aten
 _WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.conv2d.default: 1, aten.embedding.default: 0}
 
 
+def _weight_reader(op: fx.Node) -> tuple[fx.Node, int]:
+    """(node, argument position) where `op` reads its weight: ``x @ W.T`` reads it through the transpose."""
+    if op.target in (aten.matmul.default, aten.mm.default):
+        return op.args[1], 0  # (x @ W.T): the transpose of the stored weight, sites._transposed_param
+    return op, _WEIGHT_ARG[op.target]
+
+
 def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
     """The ops that read `site`'s weight (the fused op for a slice of a fused projection)."""
-    return [_walk_back(a.args[0].args[0]) if site.part else a for a in anchors]
+    return [_walk_back(a.args[0].args[0]) if site.part and site.columns is None else a for a in anchors]
 
 
 def _rewritten(graph: fx.Graph, target: str) -> fx.Node | None:
@@ -70,10 +77,27 @@ def _bias_target(graph: fx.Graph, index: SiteIndex, site: Site) -> str | None:
 
 
 def _span_of(full: torch.Tensor, site: Site, columns: bool) -> torch.Tensor:
+    """The rows of `full` (columns for Conv1D's (in, out) layout) that `site` writes: a contiguous span,
+    the strided rows of a fused projection's part (a copy, for reading), or all of it."""
+    if site.columns is not None:
+        rows = torch.tensor(site.columns)
+        return full[:, rows] if columns else full[rows]
     if site.span is None:
         return full
     lo, hi = site.span
     return full[:, lo:hi] if columns else full[lo:hi]
+
+
+def _add_to_span(full: torch.Tensor, site: Site, columns: bool, delta: torch.Tensor) -> None:
+    """full[site's rows] += delta, in place (index_put for strided parts)."""
+    if site.columns is not None:
+        rows = torch.tensor(site.columns)
+        if columns:
+            full[:, rows] += delta
+        else:
+            full[rows] += delta
+    else:
+        _span_of(full, site, columns).add_(delta)
 
 
 def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex
@@ -99,9 +123,9 @@ def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex
                                     site, False)
             weight_now = _span_of(weight.detach() + full, site, site.kind == "conv1d")
             delta, bias_delta = method.merge_deltas(site, tensors[key], record.config, weight_now, bias_now)
-            _span_of(full, site, site.kind == "conv1d").add_(delta)
+            _add_to_span(full, site, site.kind == "conv1d", delta)
             if bias_delta is not None:
-                _span_of(bias_entry[1], site, False).add_(bias_delta)
+                _add_to_span(bias_entry[1], site, False, bias_delta)
             if not torch.isfinite(delta).all() or not torch.isfinite(weight.detach() + full).all() or \
                     (bias_delta is not None and not torch.isfinite(bias_delta).all()):
                 raise GraftError(f"merging adapter {name!r} into {key} gives non-finite weights; "
@@ -173,15 +197,15 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
             owner, _, leaf = weight_name.rpartition(".")
             _ensure_module(gm, owner)._parameters[leaf] = merged
             for op in ops:  # a tied weight's copy, or a quantised weight stored in full again
-                position = _WEIGHT_ARG[op.target]
-                reads = op.args[position]
+                reader, position = _weight_reader(op)
+                reads = reader.args[position]
                 if getattr(reads, "op", None) == "get_attr" and reads.target == weight_name:
                     continue
-                with graph.inserting_before(op):
+                with graph.inserting_before(reader):
                     getter = graph.get_attr(weight_name)
-                args = list(op.args)
+                args = list(reader.args)
                 args[position] = getter
-                op.args = tuple(args)
+                reader.args = tuple(args)
     deactivate(graph, [a for a in grafted.adapters if a not in names])
     eliminate_dead_code(graph)
     for name in names:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .dataflow import column_parts
 from .names import original_path
 
 __all__ = ["Site", "find_sites", "site_from_key", "weight_value", "stored_weight"]
@@ -41,18 +42,24 @@ class Site:
     in_features: int          # input features / channels / vocabulary size
     out_features: int         # output features / channels / embedding dim
     part: str | None = None   # "q" | "k" | "v" for a slice of a fused projection
-    span: tuple[int, int] | None = None  # output columns covered by `part`
+    span: tuple[int, int] | None = None  # output columns covered by `part` (a contiguous split)
     role: str | None = None   # semantic role: q k v o up down gate embed lm_head
     layer: int | None = None
     module_class: str = ""
     conv: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: output columns covered by `part` when they are not one split's slice (per-head interleaved
+    #: q/k/v of GPT-NeoX / BLOOM, Falcon's head groups, Phi3's slices); the site anchors at the
+    #: fused projection itself and its branch is scattered into these columns
+    columns: tuple[int, ...] | None = field(default=None, compare=False, hash=False)
+    fused_out: int | None = None  # the fused projection's output width, for a part given by `columns`
 
     @property
     def key(self) -> str:
         return f"{self.path}[{self.part}]" if self.part else self.path
 
     def describe(self) -> str:
-        part = f"[{self.part} {self.span[0]}:{self.span[1]}]" if self.part and self.span else ""
+        part = f"[{self.part} {self.span[0]}:{self.span[1]}]" if self.part and self.span else \
+            f"[{self.part} {len(self.columns)} columns]" if self.part and self.columns else ""
         shape = f"{self.in_features}->{self.out_features}"
         role = f" ({self.role})" if self.role else ""
         return f"{self.path}{part}  {self.kind} {shape}{role}"
@@ -163,12 +170,37 @@ def _linear_like(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, int, int]
         if weight is not None:
             out_f, in_f = weight_value(gm, weight).shape
             return "linear", weight, in_f, out_f
+    if node.target in (aten.matmul.default, aten.mm.default) and len(node.args) == 2:
+        weight = _transposed_param(node.args[1])   # x @ W.T (+ b): Falcon's FalconLinear
+        if weight is not None:
+            out_f, in_f = weight_value(gm, weight.target).shape
+            return "linear", weight.target, in_f, out_f
     if node.target == aten.addmm.default:
         weight = stored_weight(node.args[2])
         if weight is not None:
             in_f, out_f = weight_value(gm, weight).shape
             return "conv1d", weight, in_f, out_f
     return None
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
+
+
+def _transposed_param(node: Any) -> fx.Node | None:
+    """The 2-D parameter `node` transposes (``W.T``, ``W.t()``, ``W.transpose(0, 1)``), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    source = node.args[0]
+    if not isinstance(source, fx.Node) or source.op != "get_attr":
+        return None
+    value = source.meta.get("val")
+    if value is None or len(value.shape) != 2:
+        return None
+    if node.target == aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
+        return None
+    if node.target == aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) != [0, 1]:
+        return None
+    return source
 
 
 def _fused_parts(anchor: fx.Node, out_features: int) -> list[tuple[str, int, int, fx.Node]]:
@@ -195,6 +227,38 @@ def _fused_parts(anchor: fx.Node, out_features: int) -> list[tuple[str, int, int
     return []
 
 
+def _attention_slot(node: fx.Node, limit: int = 48) -> int | None:
+    """Which q/k/v input (0/1/2) of the first SDPA call forward of `node` its values reach."""
+    frontier, seen = [node], {node}
+    while frontier and len(seen) < limit:
+        current = frontier.pop(0)
+        for user in current.users:
+            if user.target == aten.scaled_dot_product_attention.default:
+                for slot in range(3):
+                    if user.args[slot] is current:
+                        return slot
+            elif user not in seen:
+                seen.add(user)
+                frontier.append(user)
+    return None
+
+
+def _qkv_columns(gm: fx.GraphModule, node: fx.Node, out_f: int) -> list[tuple[str, tuple[int, ...]]]:
+    """q/k/v parts of a fused projection cut by views, chunks, selects, slices or indexing.
+
+    The role of each part comes from the attention input it flows into; a model without SDPA
+    (eager attention) names them in column order, as every fused layout seen stores them.
+    """
+    parts = column_parts(gm, node, out_f)
+    if len(parts) != 3:
+        return []
+    parts = sorted(parts, key=lambda p: p[1][0])
+    slots = [_attention_slot(part) for part, _ in parts]
+    names = ["qkv"[slot] for slot in slots] if sorted(s for s in slots if s is not None) == [0, 1, 2] \
+        else list("qkv")
+    return [(name, columns) for name, (_, columns) in zip(names, parts)]
+
+
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]]:
     """Every candidate site of the graph, in graph order, with the nodes it anchors at.
 
@@ -219,10 +283,14 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
             path = _site_path(gm, node, weight)
             common = dict(layer=_layer_of(path), module_class=_module_class(node))
             add(Site(path, kind, weight, in_f, out_f, **common), node)
-            if FUSED_NAME.search(path):
-                for part, start, stop, getitem in _fused_parts(node, out_f):
-                    add(Site(path, kind, weight, in_f, stop - start, part, (start, stop), part, **common),
-                        getitem)
+            split = _fused_parts(node, out_f) if FUSED_NAME.search(path) else []
+            for part, start, stop, getitem in split:
+                add(Site(path, kind, weight, in_f, stop - start, part, (start, stop), part, **common),
+                    getitem)
+            if not split:
+                for part, columns in _qkv_columns(gm, node, out_f):
+                    add(Site(path, kind, weight, in_f, len(columns), part, None, part, columns=columns,
+                             fused_out=out_f, **common), node)
         elif node.target == aten.conv2d.default and getattr(_stored(node.args[1]), "op", "") == "get_attr":
             weight = _stored(node.args[1]).target
             out_c, in_per_group, *kernel = weight_value(gm, weight).shape

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graftlib.editor import Editor
+from graftlib.errors import GraftError
 from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site, _walk_back
 from graftlib.spec import GraftCall
@@ -63,6 +64,23 @@ def lora_delta(site: Site, a: torch.Tensor, b: torch.Tensor, scale: float) -> to
     if site.kind in ("conv1d", "embedding"):
         return delta.T
     return delta
+
+
+def scatter_columns(editor: Editor, delta: Any, site: Site) -> Any:
+    """The branch output (..., len(columns)) placed into the fused projection's columns, zero elsewhere.
+
+    ``index_select(cat([delta, 0], -1), -1, where)`` with ``where[c]`` = the position of column ``c``
+    in the part, or the appended zero column: one gather, exact, and ONNX-exportable.
+    """
+    width = site.fused_out
+    def where() -> torch.Tensor:
+        index = torch.full((width,), len(site.columns), dtype=torch.long)
+        index[list(site.columns)] = torch.arange(len(site.columns))
+        return index
+    where_node = editor.param("lora_columns", where, trainable=False)
+    zero = editor.call(aten.zeros_like.default, editor.call(aten.slice.Tensor, delta, -1, 0, 1))
+    padded = editor.call(aten.cat.default, [delta, zero], -1)
+    return editor.call(aten.index_select.default, padded, -1, where_node)
 
 
 @register
@@ -118,8 +136,13 @@ class LoRA(Method):
             b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r))
             low = editor.call(aten.linear.default, x, a)
             if config.get("dora"):
+                if site.columns is not None:
+                    raise GraftError(f"lora(dora=true) on {site.key}: a strided part of a fused projection "
+                                     "is not supported with DoRA yet; target the whole projection")
                 return dora_rewrite(editor, site, config, scale, a, b, x, low)
             delta = editor.call(aten.linear.default, low, b)
+            if site.columns is not None:
+                delta = scatter_columns(editor, delta, site)
         base = editor.value_at(anchor, same_shape=True)  # before a prompt's prepend
         editor.join(base, aten.add.Tensor, base, delta, alpha=scale)  # base + scale * delta, one kernel
 
@@ -135,7 +158,7 @@ class LoRA(Method):
 
     @staticmethod
     def _branch_input(anchor: Any, site: Site) -> Any:
-        if site.part is None:
+        if site.part is None or site.columns is not None:
             return anchor.args[1] if site.kind == "conv1d" else anchor.args[0]
         # a slice of a fused projection: anchor is getitem(split(view(op(x)))); find op's input
         # at the slice's rank so the branch output lines up with the slice without reshaping
@@ -148,6 +171,7 @@ class LoRA(Method):
             x = x.args[0]
         return x
 
+    @staticmethod
     @staticmethod
     def _dropout(editor: Editor, x: Any, config: dict[str, Any]) -> Any:
         if config["dropout"] > 0:

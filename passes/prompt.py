@@ -85,6 +85,26 @@ def _token_embedding(index: SiteIndex) -> tuple[Site, fx.Node, fx.Node] | None:
     return site, node, source
 
 
+def _scope(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+def _module_output(lookup: fx.Node) -> fx.Node:
+    """The embedding module's output: the lookup, or the ops after it inside the same module that keep
+    its shape (Gemma's scaled embedding multiplies by sqrt(D) inside the module). Virtual tokens join
+    there, as PEFT's ``inputs_embeds`` would: after the module, unscaled."""
+    node, scope = lookup, _scope(lookup)
+    shape = getattr(lookup.meta.get("val"), "shape", None)
+    while scope is not None and len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_function" or _scope(user) != scope or \
+                getattr(user.meta.get("val"), "shape", None) != shape:
+            break
+        node = user
+    return node
+
+
 def _expr(value: Any) -> Any:
     return value.node.expr if isinstance(value, torch.SymInt) else None
 
@@ -253,6 +273,7 @@ class VirtualTokens(Method):
                     "labels. Trace without it")
 
     def _prepend(self, editor: Editor, site: Site, anchor: fx.Node, config: dict[str, Any]) -> None:
+        anchor = _module_output(anchor)
         base = editor.value_at(anchor)
         with editor.before(_after(base)):
             tokens = self.virtual_tokens(editor, site, config)  # (n, D)
