@@ -99,8 +99,10 @@ def _reference(inputs: Mapping[str, Any]) -> torch.Tensor | None:
 
 
 def _compatible_cast(name: str, value: torch.Tensor, traced_dtype: torch.dtype) -> bool:
+    """Integer ids and bool / integer / float masks convert as the eager model accepts them; an integer
+    tensor for a float input (pixels, features) does not, and fails as it would eagerly."""
     if value.dtype in _INTEGRAL:
-        return traced_dtype in _INTEGRAL or traced_dtype.is_floating_point
+        return traced_dtype in _INTEGRAL or (traced_dtype.is_floating_point and name.endswith("mask"))
     return value.dtype.is_floating_point and traced_dtype in _INTEGRAL and name.endswith("mask")
 
 
