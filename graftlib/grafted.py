@@ -36,7 +36,9 @@ from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
-from . import checkpoint, hf, retarget
+import graftlib.checkpoint as checkpoint  # module imports: `from . import` would read as importing the package
+import graftlib.hf as hf
+import graftlib.retarget as retarget
 from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
