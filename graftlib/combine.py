@@ -93,6 +93,9 @@ def _validate(g: "GraftedModule", weights: Mapping[str, float], how: str, rank: 
         if g.adapters[adapter].config.get("dora"):
             raise GraftError(f"combine: {adapter!r} is a DoRA adapter (lora(dora=true)), whose weight change is not "
                              "B A alone; only plain LoRA adapters combine")
+        if g.adapters[adapter].config.get("conv_groups") == "dense":
+            raise GraftError(f"combine: {adapter!r} has PEFT's dense grouped-conv layout (conv_groups=dense); "
+                             "only the block layout combines")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             raise GraftError(f"combine: the weight of {adapter!r} must be a finite number, got {weight!r}")
     if name in g.adapters or name == "__base__":
@@ -112,7 +115,7 @@ def _rank(g: "GraftedModule", adapter: str) -> int:
 
 
 def _groups(site: Site) -> int:
-    return site.conv["groups"] if site.kind == "conv2d" else 1
+    return site.conv["groups"] if site.kind == "conv" else 1
 
 
 def _source(g: "GraftedModule", adapter: str, key: str, coefficient: float, site: Site) -> _Source | None:

@@ -24,6 +24,7 @@ from .errors import GraftError
 from .registry import get_method
 from .runtime import copy_graph, deactivate, eliminate_dead_code
 from .select import SiteIndex
+from .packed import weight_rows
 from .sites import Site, _walk_back, weight_value
 
 if TYPE_CHECKING:
@@ -32,14 +33,19 @@ if TYPE_CHECKING:
 __all__ = ["merge_grafted", "site_ops"]
 
 aten = torch.ops.aten
-_WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.conv2d.default: 1, aten.embedding.default: 0}
+_WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.conv1d.default: 1, aten.conv2d.default: 1,
+               aten.conv3d.default: 1, aten.embedding.default: 0}
 
 
 def _weight_reader(op: fx.Node) -> tuple[fx.Node, int]:
     """(node, argument position) where `op` reads its weight: ``x @ W.T`` reads it through the transpose."""
     if op.target in (aten.matmul.default, aten.mm.default):
         return op.args[1], 0  # (x @ W.T): the transpose of the stored weight, sites._transposed_param
-    return op, _WEIGHT_ARG[op.target]
+    position = _WEIGHT_ARG[op.target]
+    if op.target == aten.linear.default and weight_rows(op.args[position]) is not None:
+        rows = op.args[position]   # a packed weight's row block (graftlib/packed.py): its cut reads the weight
+        return (rows.args[0], 0) if rows.target is not aten.slice.Tensor else (rows, 0)
+    return op, position
 
 
 def site_ops(site: Site, anchors: list[fx.Node]) -> list[fx.Node]:
@@ -136,7 +142,7 @@ def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex
 
 def _shared_elsewhere(graph: fx.Graph, target: str, ops: list[fx.Node]) -> bool:
     readers = {user for n in graph.nodes if n.op == "get_attr" and n.target == target for user in n.users}
-    return bool(readers - set(ops))
+    return bool(readers - {_weight_reader(op)[0] for op in ops} - set(ops))
 
 
 def _site_group_ops(graph: fx.Graph, index: SiteIndex, sites: list[Site]) -> list[fx.Node]:

@@ -93,6 +93,9 @@ def _check_names(g: "GraftedModule", inputs: dict[str, Any], adapter_names: Sequ
         if record.config.get("dora"):
             raise GraftError(f"adapter_names: {name!r} is a DoRA adapter (lora(dora=true)); mixed batches support "
                              "plain LoRA adapters only — run it as a whole batch with g.set_active(...)")
+        if record.config.get("conv_groups") == "dense":
+            raise GraftError(f"adapter_names: {name!r} has PEFT's dense grouped-conv layout (conv_groups=dense), "
+                             "which mixed batches do not stack; run it as a whole batch with g.set_active(...)")
         modules = (record.extras.get("peft") or {}).get("modules")
         if modules and modules in adapters:
             raise GraftError(f"adapter_names: {name!r} comes with replaced module weights ({modules!r}, PEFT's "
@@ -293,7 +296,7 @@ class _Builder:
                    ) -> tuple[fx.Node, fx.Node]:
         if r == rank:
             return a, b
-        if site.kind == "conv2d":
+        if site.kind == "conv":
             a = self._call(aten.unflatten.int, a, 0, [groups, r])                        # (g, r, C/g, kh, kw)
             a = self._call(aten.constant_pad_nd.default, a, [0, 0] * 3 + [0, rank - r])
             a = self._call(aten.flatten.using_ints, a, 0, 1)                             # (g*R, C/g, kh, kw)
@@ -304,10 +307,10 @@ class _Builder:
         return a, b
 
     def _layout_a(self, site: Site, a: fx.Node) -> fx.Node:
-        return a if site.kind == "conv2d" else self._call(aten.t.default, a)              # (in, R)
+        return a if site.kind == "conv" else self._call(aten.t.default, a)              # (in, R)
 
     def _layout_b(self, site: Site, b: fx.Node) -> fx.Node:
-        return b if site.kind == "conv2d" else self._call(aten.t.default, b)              # (R, out)
+        return b if site.kind == "conv" else self._call(aten.t.default, b)              # (R, out)
 
     def _stack(self, slots: list[fx.Node | None]) -> fx.Node:
         present = next(s for s in slots if s is not None)
@@ -316,9 +319,12 @@ class _Builder:
 
     # -- the branch ------------------------------------------------------------------------------
     def branch(self, site: Site, anchor: fx.Node) -> None:
+        if site.kind == "packed":
+            raise GraftError(f"mixed batches do not support LoRA on {site.key}, a weight read in row blocks "
+                             "(nn.MultiheadAttention's in_proj); run each adapter as a whole batch")
         if site.kind == "embedding":
             x = anchor.args[1]
-        elif site.kind == "conv2d":
+        elif site.kind == "conv":
             x = anchor.args[0]
         else:
             x = get_method("lora").branch_input(anchor, site)
@@ -332,7 +338,7 @@ class _Builder:
         rows = self._rows_node()
         a_rows = self._call(aten.index_select.default, a_stack, 0, self.index)
         b_rows = self._call(aten.index_select.default, b_stack, 0, self.index)
-        if site.kind == "conv2d":
+        if site.kind == "conv":
             out = self._conv(site, x, anchor, a_rows, b_rows, rows)
         elif site.kind == "embedding":
             out = self._embedding(site, x, anchor, a_stack, b_rows, rows)
@@ -390,6 +396,9 @@ class _Builder:
     def _conv(self, site: Site, x: fx.Node, anchor: fx.Node, a_rows: fx.Node, b_rows: fx.Node,
               rows: fx.Node) -> fx.Node:
         conv, groups = site.conv, _groups(site)
+        if conv.get("dims", 2) != 2:
+            raise GraftError(f"mixed batches support LoRA on Conv2d, not on the Conv{conv['dims']}d {site.key}; "
+                             "run each adapter as a whole batch with g.set_active(...)")
         x = self._dropout(site, x, 4)
         height = self._call(aten.sym_size.int, x, 2)
         width = self._call(aten.sym_size.int, x, 3)
@@ -415,7 +424,7 @@ def _param_names(site: Site) -> tuple[str, str]:
 
 
 def _groups(site: Site) -> int:
-    return site.conv["groups"] if site.kind == "conv2d" else 1
+    return site.conv["groups"] if site.kind == "conv" else 1
 
 
 def _rank(site: Site, entries: list) -> int:
@@ -446,7 +455,7 @@ def _stack_builders(site: Site, entries: list) -> tuple[Any, Any, list[torch.Ten
                 tensors.append(None)
                 continue
             t = pair[which]
-            tensors.append(t if site.kind == "conv2d" else t.t())
+            tensors.append(t if site.kind == "conv" else t.t())
         present = next(t for t in tensors if t is not None)
         zero = torch.zeros_like(present)
         return torch.stack([zero, *[t if t is not None else zero for t in tensors]]).contiguous()

@@ -66,7 +66,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 MODULES_SUFFIX = "_modules"
-LORA_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+LORA_KINDS = ("linear", "conv1d", "conv", "embedding", "packed")
 
 #: PEFT type -> pass module under graftlib.passes with peft_import (and optionally peft_check)
 PASS_TYPES = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",

@@ -41,7 +41,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "up": ("up",), "down": ("down",), "gate": ("gate",),
     "ffn": ("up", "down", "gate"), "mlp": ("up", "down", "gate"),
     "attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v"),
-    "embed": ("embed",), "conv": ("kind:conv2d",), "all-linear": ("kind:linear-all",),
+    "embed": ("embed",), "conv": ("kind:conv",), "all-linear": ("kind:linear-all",),
     "attention": ("kind:attention",),
 }
 
@@ -154,8 +154,8 @@ def _alias_sites(alias: str, sites: Sequence[Site], kinds: Iterable[str]) -> lis
             continue
         if "kind:linear-all" in wanted:
             hit = site.kind in LINEAR_KINDS and not site.part and site.role != "lm_head"
-        elif "kind:conv2d" in wanted:
-            hit = site.kind == "conv2d"
+        elif "kind:conv" in wanted:
+            hit = site.kind == "conv"
         elif "kind:attention" in wanted:
             hit = site.kind == "attention"
         else:

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import fx
 
+from .conv import CONV_OPS, conv_geometry
 from .dataflow import column_parts
+from .packed import PACKED, weight_rows
 from .names import original_path
 
 __all__ = ["Site", "find_sites", "site_from_key", "weight_value", "stored_weight"]
@@ -37,7 +39,8 @@ class Site:
     """One rewritable place: a projection, convolution, embedding lookup or attention call."""
 
     path: str                 # module path that owns the weight, e.g. "encoder.layer.0.attention.self.query"
-    kind: str                 # "linear" | "conv1d" | "conv2d" | "embedding" | "attention"
+    kind: str                 # "linear" | "conv1d" (GPT-2 Conv1D) | "conv" (nn.Conv1d/2d/3d) | "embedding" | "attention"
+    #                           | "packed" (linears on row blocks of one weight: graftlib/packed.py)
     weight: str | None        # get_attr target of the weight
     in_features: int          # input features / channels / vocabulary size
     out_features: int         # output features / channels / embedding dim
@@ -291,14 +294,18 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, list[fx.Node]]
                 for part, columns in _qkv_columns(gm, node, out_f):
                     add(Site(path, kind, weight, in_f, len(columns), part, None, part, columns=columns,
                              fused_out=out_f, **common), node)
-        elif node.target == aten.conv2d.default and getattr(_stored(node.args[1]), "op", "") == "get_attr":
-            weight = _stored(node.args[1]).target
-            out_c, in_per_group, *kernel = weight_value(gm, weight).shape
-            args = list(node.args) + [None] * (7 - len(node.args))
-            conv = dict(kernel=tuple(kernel), stride=args[3] or [1, 1], padding=args[4] or [0, 0],
-                        dilation=args[5] or [1, 1], groups=args[6] or 1)
+        elif node.target == aten.linear.default and weight_rows(node.args[1]) is not None:
+            weight = weight_rows(node.args[1])[0]
+            out_f, in_f = weight_value(gm, weight).shape
             path = _site_path(gm, node, weight)
-            add(Site(path, "conv2d", weight, in_per_group * conv["groups"], out_c,
+            add(Site(path, PACKED, weight, in_f, out_f, layer=_layer_of(path), module_class=_module_class(node)),
+                node)
+        elif node.target in CONV_OPS and getattr(_stored(node.args[1]), "op", "") == "get_attr":
+            weight = _stored(node.args[1]).target
+            shape = tuple(weight_value(gm, weight).shape)                # (out, in/g, *kernel)
+            conv = conv_geometry(node.args, shape)
+            path = _site_path(gm, node, weight)
+            add(Site(path, "conv", weight, shape[1] * conv["groups"], shape[0],
                      layer=_layer_of(path), module_class=_module_class(node), conv=conv), node)
         elif node.target == aten.embedding.default and getattr(_stored(node.args[0]), "op", "") == "get_attr":
             weight = _stored(node.args[0]).target

@@ -3,7 +3,7 @@
 A weight-delta method builds ``dW`` from its factors inside the graph and adds the op applied with it:
 
     linear(x, W, b)   ->  linear(x, W, b) + linear(x, dW)
-    conv2d(x, W, ...) ->  conv2d(x, W, ...) + conv2d(x, dW, None, stride, padding, dilation, groups)
+    convNd(x, W, ...) ->  convNd(x, W, ...) + convNd(x, dW, None, stride, padding, dilation, groups)   (N = 1, 2, 3)
 
 which is PEFT's own unmerged computation (``result + F.linear(x, delta_weight)``), so outputs match
 PEFT's to float rounding, and merging is ``W += dW`` (the same tensor, computed eagerly).
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from graftlib.conv import CONV_MODULES, conv_op
 from graftlib.editor import Editor
 from graftlib.errors import GraftError, LoadError
 from graftlib.sites import Site
@@ -44,8 +45,8 @@ def kaiming(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def weight_shape(site: Site) -> tuple[int, ...]:
-    """The stored weight's shape: (out, in) for linear, (out, in/groups, kh, kw) for conv2d."""
-    if site.kind == "conv2d":
+    """The stored weight's shape: (out, in) for linear, (out, in/groups, *kernel) for a conv."""
+    if site.kind == "conv":
         return (site.out_features, site.in_features // site.conv["groups"], *site.conv["kernel"])
     return (site.out_features, site.in_features)
 
@@ -70,19 +71,19 @@ def rank_dropout(editor: Editor, site: Site, delta: fx.Node, p: float, rescale: 
     keep = _keep_mask(editor, delta, site.out_features, p)                              # (out,)
     if rescale:
         keep = editor.call(aten.div.Tensor, keep, editor.call(aten.mean.default, keep))
-    rank = 4 if site.kind == "conv2d" else 2
+    rank = len(weight_shape(site))
     keep = editor.call(aten.view.default, keep, [-1] + [1] * (rank - 1))
     return editor.call(aten.mul.Tensor, delta, keep)
 
 
 def join_delta(editor: Editor, site: Site, delta: fx.Node, module_dropout: float = 0.0) -> None:
-    """``y + op(x, dW)`` at the anchor: the op is the anchor's own (linear or conv2d, same geometry).
+    """``y + op(x, dW)`` at the anchor: the op is the anchor's own (linear or convNd, same geometry).
     With `module_dropout` the whole branch is skipped with that probability in training (PEFT's)."""
     anchor = editor.anchor
     x = anchor.args[0]
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         stride, padding, dilation, groups = conv_options(site)
-        h = editor.call(aten.conv2d.default, x, delta, None, stride, padding, dilation, groups)
+        h = editor.call(conv_op(site), x, delta, None, stride, padding, dilation, groups)
     else:
         h = editor.call(aten.linear.default, x, delta)
     if module_dropout > 0:
@@ -138,8 +139,7 @@ def peft_sites(config: Mapping[str, Any], model: nn.Module, kinds: tuple[type, .
             continue
         if isinstance(module, kinds):
             chosen.append(path)
-        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.Embedding, nn.Linear, nn.Conv2d)) or \
-                type(module).__name__ == "Conv1D":
+        elif isinstance(module, (nn.Embedding, nn.Linear, *CONV_MODULES)) or type(module).__name__ == "Conv1D":
             refused.append((path, type(module).__name__))
     if refused:
         path, kind = refused[0]

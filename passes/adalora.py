@@ -51,6 +51,7 @@ from graftlib.editor import Editor, graft_tag
 from graftlib.errors import GraftError, LoadError
 from graftlib.registry import Method, Option, positive, register
 from graftlib.select import Selection, SiteIndex
+from graftlib.conv import conv_op
 from graftlib.sites import Site
 from graftlib.spec import GraftCall
 from graftlib.passes.lora import LoRA
@@ -93,7 +94,7 @@ def _site_rank(site_key: str, config: dict[str, Any]) -> int:
 
 
 def _a_columns(site: Site) -> int:
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         return site.in_features // site.conv["groups"] * math.prod(site.conv["kernel"])
     return site.in_features
 
@@ -172,7 +173,7 @@ class RankTable:
 @register
 class AdaLoRA(Method):
     name = "adalora"
-    site_kinds = ("linear", "conv1d", "conv2d", "embedding")
+    site_kinds = ("linear", "conv1d", "conv", "embedding")
     mergeable = True
     resizable = True
     options = {
@@ -252,13 +253,13 @@ class AdaLoRA(Method):
         ae = editor.call(aten.mul.Tensor, a, e)  # (r, cols)
         denominator = editor.call(aten.add.Tensor, ranknum, EPS)
         alpha = _alpha(config)
-        if site.kind == "conv2d":
+        if site.kind == "conv":
             conv = site.conv
             x = LoRA._dropout(editor, anchor.args[0], config)
             kernel = [site.out_features, site.in_features // conv["groups"], *conv["kernel"]]
             w = editor.call(aten.view.default, editor.call(aten.mm.default, b, ae), kernel)
             w = editor.call(aten.div.Tensor, editor.call(aten.mul.Tensor, w, alpha), denominator)
-            scaled = editor.call(aten.conv2d.default, x, w, None, conv["stride"], conv["padding"],
+            scaled = editor.call(conv_op(site), x, w, None, conv["stride"], conv["padding"],
                                  conv["dilation"], conv["groups"])
         else:
             if site.kind == "embedding":
@@ -276,7 +277,7 @@ class AdaLoRA(Method):
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
         a, e, b, ranknum = (params[n].detach() for n in (*TRIPLET, "ranknum"))
         w = b @ (a * e) * _alpha(config) / (ranknum + EPS)  # (out, cols)
-        if site.kind == "conv2d":
+        if site.kind == "conv":
             return w.reshape(site.out_features, site.in_features // site.conv["groups"], *site.conv["kernel"])
         return w.T if site.kind in ("conv1d", "embedding") else w
 
@@ -565,7 +566,7 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
         site = index.by_key(key)
         kinds.add(site.kind)
         if site.part is not None or site.kind == "embedding" or \
-                (site.kind == "conv2d" and site.conv["groups"] != 1):
+                (site.kind == "conv" and site.conv["groups"] != 1):
             what = "a slice of a fused projection" if site.part else \
                 "an embedding" if site.kind == "embedding" else "a grouped convolution"
             raise GraftError(f"adapter {record.adapter!r} adapts {key}, {what}, which PEFT's AdaLoRA cannot "

@@ -8,7 +8,13 @@ the pass fuses it as
                          =  k·(Wx + b) + s·k·BAx + (1 - k)·b  =  k·Wx + s·k·BAx + b
 
 so the activations see the two LoRA matmuls and one addcmul, the same work as LoRA; the rest is on
-(out, r) and (out,) tensors. Conv2d (``k`` per output channel, ``(1, out, 1, 1)``), GPT-2 Conv1D (W
+(out, r) and (out,) tensors. nn.Conv1d/2d/3d keep PEFT's own order instead,
+
+    convNd(x, W, b)  ->  y + ((k - 1)·(y - b) + (k·convNd(convNd(x, A), B))·s)        k (1, out, 1, ...)
+
+because conv activations can be large (PEFT's tests feed 0..57599) and the fused form rounds 1e-3 away
+from PEFT there; a grouped conv only in PEFT's dense layout, whose norm is PEFT's ``mm(B.view(-1, r),
+A.view(r, -1))`` reshaped to W. GPT-2 Conv1D (W
 stored (in, out): the norm runs over its columns) and Embedding (``k`` per embedding dim, no bias:
 ``addcmul(linear(emb(A^T, i), B·(s·k)), emb(E, i), k)``) follow PEFT's ``DoraLinearLayer`` /
 ``DoraConv2dLayer`` / ``DoraEmbeddingLayer``. With dropout ``p > 0`` PEFT's training forward uses the
@@ -29,37 +35,47 @@ from typing import Any
 
 import torch
 
+from graftlib.conv import channel_shape, conv_op, ones, zeros
 from graftlib.editor import Editor, graft_tag
 from graftlib.sites import Site
 
-__all__ = ["dora_rewrite", "dora_norm", "dora_merged_weight", "lora_weight", "NORM_DIMS"]
+__all__ = ["dora_rewrite", "dora_norm", "dora_merged_weight", "lora_weight", "NORM_DIMS", "norm_dims"]
 
 aten = torch.ops.aten
 
 #: site kind -> the dims of the stored weight the norm reduces over (what stays: one entry per output)
-NORM_DIMS = {"linear": [1], "conv1d": [0], "conv2d": [1, 2, 3], "embedding": [0]}
+NORM_DIMS = {"linear": [1], "conv1d": [0], "embedding": [0]}
+
+
+def norm_dims(site: Site) -> list[int]:
+    """The dims the norm reduces over; a conv (nn.Conv1d/2d/3d) keeps its output channels."""
+    if site.kind == "conv":
+        return list(range(1, len(site.conv["kernel"]) + 2))
+    return NORM_DIMS[site.kind]
 
 
 def lora_weight(site: Site, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``B @ A`` in the stored weight's layout (unscaled)."""
-    if site.kind == "conv2d":
+    if site.kind == "conv":  # PEFT's mm(B.view(-1, r), A.view(r, -1)) reshaped to W (its dense grouped layout too)
         r = a.shape[0]
-        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
+        groups = site.conv["groups"]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(site.out_features, site.in_features // groups,
+                                                             *site.conv["kernel"])
     delta = b @ a  # (out, in); embedding: (dim, vocab)
     return delta.T if site.kind in ("conv1d", "embedding") else delta
 
 
 def dora_norm(site: Site, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``||W + s·BA||`` per output (out,), as the graph computes it (the magnitude init uses it too)."""
-    return torch.linalg.vector_norm(weight + scale * lora_weight(site, a, b), 2, NORM_DIMS[site.kind])
+    return torch.linalg.vector_norm(weight + scale * lora_weight(site, a, b), 2, norm_dims(site))
 
 
 def _factor_shape(site: Site, k: torch.Tensor) -> torch.Tensor:
     """k (out,) shaped to scale the stored weight."""
     if site.kind == "linear":
         return k[:, None]
-    if site.kind == "conv2d":
-        return k[:, None, None, None]
+    if site.kind == "conv":
+        return k.reshape(channel_shape(site, first=True))
     return k[None, :]  # conv1d (in, out), embedding (vocab, dim)
 
 
@@ -67,7 +83,7 @@ def dora_merged_weight(site: Site, weight: torch.Tensor, a: torch.Tensor, b: tor
                        scale: float) -> torch.Tensor:
     """``k·(W + s·BA)`` in the stored layout."""
     adapted = weight + scale * lora_weight(site, a, b)
-    k = m / torch.linalg.vector_norm(adapted, 2, NORM_DIMS[site.kind])
+    k = m / torch.linalg.vector_norm(adapted, 2, norm_dims(site))
     return _factor_shape(site, k) * adapted
 
 
@@ -80,7 +96,7 @@ def _norm_nodes(editor: Editor, site: Site, weight: Any, a: Any, b: Any, scale: 
                 weight_shape: list[int], rank: int) -> Any:
     """Graph nodes for the detached ``||W + s·BA||`` (out,)."""
     call = editor.call
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         flat = _cached(call(aten.mm.default, _cached(call(aten.reshape.default, b, [-1, rank])),
                             _cached(call(aten.reshape.default, a, [rank, -1]))))            # (out, in·kh·kw)
         low = _cached(call(aten.reshape.default, flat, weight_shape))
@@ -91,7 +107,7 @@ def _norm_nodes(editor: Editor, site: Site, weight: Any, a: Any, b: Any, scale: 
         a_t = _cached(call(aten.t.default, a))
         b_t = _cached(call(aten.t.default, b))
         adapted = _cached(call(aten.addmm.default, weight, a_t, b_t, alpha=scale))
-    norm = _cached(call(aten.linalg_vector_norm.default, adapted, 2, NORM_DIMS[site.kind]))
+    norm = _cached(call(aten.linalg_vector_norm.default, adapted, 2, norm_dims(site)))
     return _cached(call(aten.detach.default, norm))
 
 
@@ -125,25 +141,42 @@ def dora_rewrite(editor: Editor, site: Site, config: dict[str, Any], scale: floa
     anchor, call = editor.anchor, editor.call
     weight, bias = _weight_and_bias(anchor, site)
     m, rank = _magnitude_init(editor, site, weight, scale)
-    weight_shape = list(weight.meta["val"].shape) if site.kind == "conv2d" else []
+    weight_shape = list(weight.meta["val"].shape) if site.kind == "conv" else []
     norm = _norm_nodes(editor, site, weight, a, b, scale, weight_shape, rank)
     k = _cached(call(aten.div.Tensor, m, norm))                                             # (out,)
     sk = _cached(call(aten.mul.Tensor, k, scale))
-    column = [-1, 1, 1, 1] if site.kind == "conv2d" else [-1, 1]
+    column = channel_shape(site, first=True) if site.kind == "conv" else [-1, 1]
     b_eff = _cached(call(aten.mul.Tensor, b, _cached(call(aten.view.default, sk, column))))  # B·(s·k)
     base = editor.value_at(anchor, same_shape=True)
     if config["dropout"] > 0 and site.kind != "embedding":
         _join_with_dropout(editor, site, base, weight, k, x, low, b_eff)
         return
+    if site.kind == "conv":
+        _join_conv(editor, site, base, bias, k, low, b, scale)
+        return
     corrected = None
     if bias is not None:
         corrected = _cached(call(aten.mul.Tensor, _cached(call(aten.rsub.Scalar, k, 1)), bias))  # (1-k)·b
-    if site.kind == "conv2d":
-        extra = call(aten.conv2d.default, low, b_eff, corrected, [1, 1], [0, 0], [1, 1], 1)
-        k = _cached(call(aten.view.default, k, [1, -1, 1, 1]))
+    if site.kind == "conv":
+        extra = call(conv_op(site), low, b_eff, corrected, ones(site), zeros(site), ones(site), site.conv["groups"])
+        k = _cached(call(aten.view.default, k, channel_shape(site)))
     else:
         extra = call(aten.linear.default, low, b_eff, corrected)
     editor.join(base, aten.addcmul.default, extra, base, k)                                 # extra + base·k
+
+
+def _join_conv(editor: Editor, site: Site, base: Any, bias: Any, k: Any, low: Any, b: Any, scale: float) -> None:
+    """A conv's DoRA op for op in PEFT's order, ``y + ((k - 1)·(y - b) + (k·conv(A(x), B))·s)``: conv outputs
+    can be large (PEFT's tests feed 0..57599), where a fused ``y·k + ...`` rounds differently (1e-3)."""
+    call = editor.call
+    k_view = _cached(call(aten.view.default, k, channel_shape(site)))                     # (1, out, 1, ...)
+    k_minus_1 = _cached(call(aten.sub.Tensor, k_view, 1))
+    unbiased = base if bias is None else call(aten.sub.Tensor, base, call(aten.view.default, bias,
+                                                                          channel_shape(site)))
+    lora = call(conv_op(site), low, b, None, ones(site), zeros(site), ones(site), site.conv["groups"])
+    scaled = call(aten.mul.Tensor, call(aten.mul.Tensor, k_view, lora), scale)
+    extra = call(aten.add.Tensor, call(aten.mul.Tensor, k_minus_1, unbiased), scaled)
+    editor.join(base, aten.add.Tensor, base, extra)
 
 
 def _join_with_dropout(editor: Editor, site: Site, base: Any, weight: Any, k: Any, x: Any, low: Any,
@@ -151,12 +184,13 @@ def _join_with_dropout(editor: Editor, site: Site, base: Any, weight: Any, k: An
     """PEFT's training forward under dropout: the magnitude term reads the dropped input too."""
     call = editor.call
     k_minus_1 = _cached(call(aten.sub.Tensor, k, 1))
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         conv = site.conv
-        w_scaled = _cached(call(aten.mul.Tensor, weight, _cached(call(aten.view.default, k_minus_1, [-1, 1, 1, 1]))))
-        mag = call(aten.conv2d.default, x, w_scaled, None, conv["stride"], conv["padding"], conv["dilation"],
+        w_scaled = _cached(call(aten.mul.Tensor, weight, _cached(call(aten.view.default, k_minus_1,
+                                                                         channel_shape(site, first=True)))))
+        mag = call(conv_op(site), x, w_scaled, None, conv["stride"], conv["padding"], conv["dilation"],
                    conv["groups"])
-        lora = call(aten.conv2d.default, low, b_eff, None, [1, 1], [0, 0], [1, 1], 1)
+        lora = call(conv_op(site), low, b_eff, None, ones(site), zeros(site), ones(site), conv["groups"])
     elif site.kind == "conv1d":
         mag = call(aten.matmul.default, x, _cached(call(aten.mul.Tensor, weight, k_minus_1)))
         lora = call(aten.linear.default, low, b_eff)
@@ -169,7 +203,7 @@ def _join_with_dropout(editor: Editor, site: Site, base: Any, weight: Any, k: An
 
 # -- PEFT checkpoints (graftlib/peft.py's LoRA conversion calls these) ---------------------------------
 def _peft_shape(site: Site) -> tuple[int, ...]:
-    return (1, site.out_features, 1, 1) if site.kind == "conv2d" else (site.out_features,)
+    return tuple(channel_shape(site, site.out_features)) if site.kind == "conv" else (site.out_features,)
 
 
 def peft_import_magnitudes(config: Any, chosen: Any, by_path: Any, source: str) -> dict[str, torch.Tensor]:
@@ -187,8 +221,6 @@ def peft_import_magnitudes(config: Any, chosen: Any, by_path: Any, source: str) 
     magnitudes = {}
     for path, site in chosen.items():
         key = f"base_model.model.{path}.lora_magnitude_vector"
-        if site.kind == "conv2d" and site.conv["groups"] > 1:
-            raise LoadError(f"{source}: not supported: DoRA on the grouped convolution {path}")
         if path not in found:
             raise LoadError(f"{source}: tensor {key!r} is missing (expected shape {_peft_shape(site)}); the config "
                             "has use_dora=true")

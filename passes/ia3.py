@@ -3,8 +3,8 @@
     linear(x, W, b)             ->  mul(linear(x, W, b), view(l, [-1]))      l (out, 1)     k, v, o, ...
     linear(x, W, b)  (ffn)      ->  linear(mul(x, l), W, b)                  l (1, in)      feedforward
     addmm(b, x, W)   (Conv1D)   ->  the same with W stored (in, out)
-    conv2d(x, W, ...)           ->  mul(conv2d(x, W, ...), l)                l (1, out, 1, 1)
-    conv2d(x, W, ...) (ffn)     ->  conv2d(mul(x, l), W, ...)                l (1, in, 1, 1)
+    convNd(x, W, ...)           ->  mul(convNd(x, W, ...), l)                l (1, out, 1, ...)  N = 1, 2, 3
+    convNd(x, W, ...) (ffn)     ->  convNd(mul(x, l), W, ...)                l (1, in, 1, ...)
 
 PEFT's ``(IA)^3`` semantics: a target is *feedforward* when PEFT's ``feedforward_modules`` names it; here
 ``feedforward=auto`` (the default) makes the FFN roles (up, down, gate) feedforward, as PEFT's default
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlib.conv import CONV_MODULES, channel_shape
 from graftlib.editor import Editor
 from graftlib.errors import GraftError, LoadError
 from graftlib.registry import Method, Option, register
@@ -49,15 +50,15 @@ def is_feedforward(site: Site, config: dict[str, Any]) -> bool:
 def _shape(site: Site, feedforward: bool) -> tuple[int, ...]:
     """PEFT's ia3_l shape (stored as is, so checkpoints map one to one)."""
     n = site.in_features if feedforward else site.out_features
-    if site.kind == "conv2d":
-        return (1, n, 1, 1)
+    if site.kind == "conv":
+        return tuple(channel_shape(site, n))
     return (1, n) if feedforward else (n, 1)
 
 
 @register
 class IA3(Method):
     name = "ia3"
-    site_kinds = ("linear", "conv1d", "conv2d")
+    site_kinds = ("linear", "conv1d", "conv")
     mergeable = True
     options = {
         "feedforward": Option("auto", (str,), help="auto (FFN roles), none, or a regex of module paths "
@@ -92,7 +93,7 @@ class IA3(Method):
                 editor.join(x, aten.mul.Tensor, x, scale)                      # (..., in) * (1, in)
             return
         scale = editor.param("ia3_l", lambda: torch.ones(_shape(site, False)))
-        if site.kind != "conv2d":
+        if site.kind != "conv":
             scale = editor.call(aten.view.default, scale, [-1])                  # (out,)
         base = editor.value_at(anchor, same_shape=True)
         editor.join(base, aten.mul.Tensor, base, scale)
@@ -110,15 +111,16 @@ class IA3(Method):
 
 def _weight_factor(site: Site, scale: torch.Tensor, feedforward: bool) -> torch.Tensor:
     """``l`` shaped to multiply the stored weight (PEFT's ``transpose`` / ``_get_ia3_scaling_for_weight``)."""
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         if not feedforward:
             return scale.transpose(0, 1)                                          # (out, 1, 1, 1)
         groups = site.conv["groups"]
         if groups == 1:
             return scale                                                          # (1, in, 1, 1)
         per_in, per_out = site.in_features // groups, site.out_features // groups
-        expanded = scale.reshape(groups, 1, per_in, 1, 1).expand(groups, per_out, per_in, 1, 1)
-        return expanded.reshape(site.out_features, per_in, 1, 1)
+        ones = scale.shape[2:]
+        expanded = scale.reshape(groups, 1, per_in, *ones).expand(groups, per_out, per_in, *ones)
+        return expanded.reshape(site.out_features, per_in, *ones)
     return scale.T if site.kind == "conv1d" else scale
 
 
@@ -129,7 +131,7 @@ _HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "in
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Linear, *CONV_MODULES)) or type(module).__name__ == "Conv1D"
 
 
 def _peft_feedforward(config: dict[str, Any], path: str) -> bool:
@@ -174,9 +176,9 @@ def _as_graft_shapes(tensors: dict[str, dict[str, torch.Tensor]], config: dict[s
     for path, params in tensors.items():
         module = modules[path]
         ff = _peft_feedforward(config, path)
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONV_MODULES):
             n = module.in_channels if ff else module.out_channels
-            want: tuple[int, ...] = (1, n, 1, 1)
+            want: tuple[int, ...] = (1, n) + (1,) * (module.weight.dim() - 2)
         else:
             weight = module.weight
             din, dout = (weight.shape[0], weight.shape[1]) if type(module).__name__ == "Conv1D" else \

@@ -1,11 +1,12 @@
 """LoHa: a weight delta that is the Hadamard product of two low-rank matrices (FedPara / LyCORIS).
 
     linear(x, W, b)    ->  linear(x, W, b) + linear(x, dW)
-    conv2d(x, W, ...)  ->  conv2d(x, W, ...) + conv2d(x, dW, None, stride, padding, dilation, groups)
+    convNd(x, W, ...)  ->  convNd(x, W, ...) + convNd(x, dW, None, stride, padding, dilation, groups)
 
-    dW = s * (w1_a @ w1_b) * (w2_a @ w2_b)                      w*_a (out, r), w*_b (r, in*kh*kw)
+    dW = s * (w1_a @ w1_b) * (w2_a @ w2_b)                      w*_a (out, r), w*_b (r, in*prod(kernel))
     dW = s * cp(t1, w1_a, w1_b) * cp(t2, w2_a, w2_b)            effective_conv2d (CP form, k x k convs):
          cp(t, a, b) = einsum("ijkl,jr,ip->prkl", t, b, a)      t (r, r, kh, kw), a (r, out), b (r, in)
+                                                                (nn.Conv1d: t (r, r, k, 1), as PEFT)
 
 with ``s = alpha / r`` and ``in`` the input channels per group. Initialisation is PEFT's
 (``init_weights=True``): w1_a, w1_b, w2_a (and t1, t2) kaiming-uniform, w2_b zero, so dW starts at
@@ -19,8 +20,8 @@ used with ``use_effective_conv2d``, returns w1_a / w2_a gradients that differ fr
 of its own forward; its non-CP ``HadaWeight`` agrees.)
 
 PEFT: ``peft_type`` LOHA, tensors ``<module>.hada_w1_a`` ... ``hada_t2``; ``peft_import`` /
-``peft_export`` below convert both ways. Not supported: rank / alpha patterns, nn.Conv1d (not a graftlib
-site).
+``peft_export`` below convert both ways (Linear, nn.Conv1d, Conv2d; PEFT has no LoHa on Conv3d, graftlib's
+flattened form works there). Not supported: rank / alpha patterns, ``effective_conv2d`` on a Conv3d.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlib.conv import CONV_MODULES, conv_name
 from graftlib.editor import Editor
 from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site
@@ -45,7 +47,13 @@ CP = "ijkl,jr,ip->prkl"
 
 
 def _uses_cp(site: Site, config: dict[str, Any]) -> bool:
-    return site.kind == "conv2d" and config["effective_conv2d"] and tuple(site.conv["kernel"]) != (1, 1)
+    return site.kind == "conv" and config["effective_conv2d"] and any(k != 1 for k in site.conv["kernel"])
+
+
+def _cp_kernel(site: Site) -> tuple[int, ...]:
+    """The CP core's spatial dims: (kh, kw); PEFT's Conv1d stores (k, 1)."""
+    kernel = tuple(site.conv["kernel"])
+    return kernel + (1,) if len(kernel) == 1 else kernel
 
 
 def _shapes(site: Site, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -53,8 +61,9 @@ def _shapes(site: Site, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shape = weight_shape(site)
     out, rest = shape[0], shape[1:]
     if _uses_cp(site, config):
-        return {"hada_w1_a": (r, out), "hada_w1_b": (r, rest[0]), "hada_t1": (r, r, *rest[1:]),
-                "hada_w2_a": (r, out), "hada_w2_b": (r, rest[0]), "hada_t2": (r, r, *rest[1:])}
+        core = _cp_kernel(site)
+        return {"hada_w1_a": (r, out), "hada_w1_b": (r, rest[0]), "hada_t1": (r, r, *core),
+                "hada_w2_a": (r, out), "hada_w2_b": (r, rest[0]), "hada_t2": (r, r, *core)}
     fan_in = 1
     for dim in rest:
         fan_in *= dim
@@ -75,7 +84,7 @@ def loha_delta(site: Site, params: dict[str, torch.Tensor], scale: float) -> tor
 @register
 class LoHa(Method):
     name = "loha"
-    site_kinds = ("linear", "conv2d")
+    site_kinds = ("linear", "conv")
     mergeable = True
     options = {
         "r": Option(8, (int,), positive, help="rank of each of the two factors"),
@@ -90,6 +99,9 @@ class LoHa(Method):
         if site.part is not None:
             raise call.error(f"cannot graft loha on {site.key}: a slice of a fused projection; target the "
                              "whole projection")
+        if _uses_cp(site, config) and len(site.conv["kernel"]) == 3:
+            raise call.error(f"not supported: loha(effective_conv2d=true) on the {conv_name(site)} {site.path} "
+                             "(the CP form is for Conv1d and Conv2d, as PEFT); drop effective_conv2d")
 
     def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
         shapes = _shapes(site, config)
@@ -103,8 +115,8 @@ class LoHa(Method):
             first = editor.call(aten.mm.default, nodes["hada_w1_a"], nodes["hada_w1_b"])    # (out, in*k*k)
             second = editor.call(aten.mm.default, nodes["hada_w2_a"], nodes["hada_w2_b"])
         delta = editor.call(aten.mul.Tensor, editor.call(aten.mul.Tensor, first, second), scale)
-        if site.kind == "conv2d":
-            delta = editor.call(aten.view.default, delta, list(weight_shape(site)))  # (out, in/g, kh, kw)
+        if site.kind == "conv":
+            delta = editor.call(aten.view.default, delta, list(weight_shape(site)))  # (out, in/g, *kernel)
         delta = rank_dropout(editor, site, delta, config["rank_dropout"], True)
         join_delta(editor, site, delta, config["module_dropout"])
 
@@ -120,7 +132,7 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                 model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT LoHa checkpoint as ``loha(re:"...", r=, alpha=, effective_conv2d=)`` plus its tensors."""
     check_options(config, _HANDLED | {"rank_dropout", "module_dropout"}, "LoHa checkpoint")
-    paths = peft_sites(config, model, (nn.Linear, nn.Conv2d), "loha")
+    paths = peft_sites(config, model, (nn.Linear, nn.Conv1d, nn.Conv2d), "loha")
     tensors = peft_site_tensors(state, paths, NAMES, "LoHa")
     r = int(config.get("r", 8))
     options = [peft_spec_regex(paths), f"r={r}", f"alpha={float_text(config.get('alpha', 8))}"]

@@ -1,7 +1,7 @@
 """LoKr: a weight delta that is the Kronecker product of two small (optionally low-rank) matrices.
 
     linear(x, W, b)    ->  linear(x, W, b) + linear(x, dW)
-    conv2d(x, W, ...)  ->  conv2d(x, W, ...) + conv2d(x, dW, None, stride, padding, dilation, groups)
+    convNd(x, W, ...)  ->  convNd(x, W, ...) + convNd(x, dW, None, stride, padding, dilation, groups)
 
     dW = s * kron(w1, w2)  reshaped to W's shape
     w1 = lokr_w1 (a, c)            or  lokr_w1_a (a, r) @ lokr_w1_b (r, c)     (decompose_both, small r)
@@ -18,7 +18,10 @@ at zero; ``init=lycoris`` zeroes w2 (or w2_b) instead. Merge: ``W += dW``; delta
 ``module_dropout`` skips the whole branch, both as PEFT.
 
 PEFT: ``peft_type`` LOKR, tensors ``<module>.lokr_w1`` ... ``lokr_t2``; ``peft_import`` / ``peft_export``
-below. Not supported: rank / alpha patterns, nn.Conv1d (not a graftlib site).
+below (Linear, nn.Conv1d, Conv2d; graftlib's flattened form also on Conv3d, where PEFT has no LoKr). As in
+PEFT, a full w2 of an nn.Conv1d, (b, d, k), is Kronecker-multiplied with the 2-d w1 as ``torch.kron`` does
+(w1 read as (1, a, c)), and its CP core is (r, r, k, 1). Not supported: rank / alpha patterns,
+``effective_conv2d`` on a Conv3d.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlib.conv import conv_name
 from graftlib.editor import Editor
 from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site
@@ -70,12 +74,13 @@ def _shapes(site: Site, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     kernel = tuple(shape[2:])
     use_w1 = not (config["decompose_both"] and r < max(out_l, in_m) / 2)
     use_w2 = r >= max(out_k, in_n) / 2
-    effective = bool(kernel) and config["effective_conv2d"] and kernel != (1, 1)
+    effective = bool(kernel) and config["effective_conv2d"] and any(k != 1 for k in kernel)
     shapes = {"lokr_w1": (out_l, in_m)} if use_w1 else {"lokr_w1_a": (out_l, r), "lokr_w1_b": (r, in_m)}
     if use_w2:
         shapes["lokr_w2"] = (out_k, in_n, *kernel)
     elif effective:
-        shapes.update(lokr_t2=(r, r, *kernel), lokr_w2_a=(r, out_k), lokr_w2_b=(r, in_n))
+        core = kernel + (1,) if len(kernel) == 1 else kernel                      # PEFT's Conv1d: (k, 1)
+        shapes.update(lokr_t2=(r, r, *core), lokr_w2_a=(r, out_k), lokr_w2_b=(r, in_n))
     else:
         size = in_n
         for k in kernel:
@@ -97,15 +102,19 @@ def lokr_delta(site: Site, params: dict[str, torch.Tensor], scale: float) -> tor
         w2 = torch.einsum(CP, params["lokr_t2"], params["lokr_w2_a"], params["lokr_w2_b"])
     else:
         w2 = params["lokr_w2_a"] @ params["lokr_w2_b"]
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
+    w1 = w1.reshape(*w1.shape, *[1] * (_w1_rank(w2.dim()) - 2))
     return (torch.kron(w1, w2.contiguous()) * scale).reshape(weight_shape(site))
+
+
+def _w1_rank(w2_rank: int) -> int:
+    """The rank w1 is viewed at for ``kron(w1, w2)``: w2's, except PEFT's 3-d (Conv1d) w2, which it leaves 2-d."""
+    return 2 if w2_rank == 3 else w2_rank
 
 
 @register
 class LoKr(Method):
     name = "lokr"
-    site_kinds = ("linear", "conv2d")
+    site_kinds = ("linear", "conv")
     mergeable = True
     options = {
         "r": Option(8, (int,), positive, help="rank of the low-rank factors"),
@@ -127,6 +136,10 @@ class LoKr(Method):
         if site.part is not None:
             raise call.error(f"cannot graft lokr on {site.key}: a slice of a fused projection; target the "
                              "whole projection")
+        if site.kind == "conv" and len(site.conv["kernel"]) == 3 and config["effective_conv2d"] and \
+                "lokr_t2" in _shapes(site, config):
+            raise call.error(f"not supported: lokr(effective_conv2d=true) on the {conv_name(site)} {site.path} "
+                             "(the CP form is for Conv1d and Conv2d, as PEFT); drop effective_conv2d")
 
     def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
         lycoris = config["init"] == "lycoris"
@@ -142,13 +155,16 @@ class LoKr(Method):
             w2 = editor.call(aten.einsum.default, CP, [nodes["lokr_t2"], nodes["lokr_w2_a"], nodes["lokr_w2_b"]])
         else:
             w2 = editor.call(aten.mm.default, nodes["lokr_w2_a"], nodes["lokr_w2_b"])       # (b, d*kh*kw)
-        if ("lokr_w2" in nodes and site.kind == "conv2d") or "lokr_t2" in nodes:   # w2 (b, d, kh, kw)
+        shapes = _shapes(site, config)
+        w2_rank = 4 if "lokr_t2" in shapes else len(shapes.get("lokr_w2", (0, 0)))
+        if _w1_rank(w2_rank) > 2:                                                   # w2 (b, d, *kernel)
             shape = weight_shape(site)
             a, c = factorization(shape[0], config["decompose_factor"])[0], \
                 factorization(shape[1], config["decompose_factor"])[0]
-            w1 = editor.call(aten.view.default, w1, [a, c, 1, 1])
+            w1 = editor.call(aten.view.default, w1, [a, c] + [1] * (_w1_rank(w2_rank) - 2))
+        w2 = editor.call(aten.contiguous.default, w2)                              # as PEFT's make_kron
         delta = editor.call(aten.mul.Tensor, editor.call(aten.kron.default, w1, w2), config["alpha"] / config["r"])
-        delta = editor.call(aten.view.default, delta, list(weight_shape(site)))
+        delta = editor.call(aten.reshape.default, delta, list(weight_shape(site)))
         delta = rank_dropout(editor, site, delta, config["rank_dropout"], config["rank_dropout_scale"])
         join_delta(editor, site, delta, config["module_dropout"])
 
@@ -165,7 +181,7 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                 model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT LoKr checkpoint as ``lokr(re:"...", r=, alpha=, ...)`` plus its tensors."""
     check_options(config, _HANDLED | {"rank_dropout", "module_dropout"}, "LoKr checkpoint")
-    paths = peft_sites(config, model, (nn.Linear, nn.Conv2d), "lokr")
+    paths = peft_sites(config, model, (nn.Linear, nn.Conv1d, nn.Conv2d), "lokr")
     tensors = peft_site_tensors(state, paths, NAMES, "LoKr")
     options = [peft_spec_regex(paths), f"r={int(config.get('r', 8))}",
                f"alpha={float_text(config.get('alpha', 8))}",

@@ -2,19 +2,39 @@
 
     linear(x, W, b)          ->  add(linear(x, W, b), linear(linear(dropout(x), A), B), alpha=s)
     addmm(b, x, W)  (Conv1D) ->  addmm(b, x, W) + s * linear(linear(dropout(x), A), B)
-    conv2d(x, W, ...)        ->  conv2d(x, W, ...) + s * conv2d(conv2d(dropout(x), A, ...), B 1x1)
+    convNd(x, W, ...)        ->  convNd(x, W, ...) + s * convNd(convNd(dropout(x), A, ...), B 1x..x1)
+                                 (nn.Conv1d, Conv2d, Conv3d: graftlib/conv.py)
     embedding(E, i)          ->  embedding(E, i) + s * linear(embedding(A^T, i), B)
+    linear(x, W[lo:hi], ...) ->  linear(x, W[lo:hi], ...) + s * linear(linear(dropout(x), A), B[lo:hi])
+                                 (a packed weight read in row blocks, nn.MultiheadAttention's in_proj:
+                                 graftlib/packed.py; one A, B over all rows, as a LoRA on W)
 
 with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Initialisation follows PEFT: A kaiming-uniform
 (a = sqrt 5) and B zero for linear and conv; for embeddings A is zero and B normal. The branch starts as
 an exact zero, so the grafted model equals the base model until B (or A) is trained. A slice of a fused
-projection (GPT-2 ``c_attn[q]``) gets its branch on that slice only. Grouped convolutions get one rank-r
-factorisation per group (A: ``groups`` blocks of r channels, B: grouped 1x1).
+projection (GPT-2 ``c_attn[q]``) gets its branch on that slice only.
+
+Grouped convolutions (``groups = g > 1``) have two layouts, chosen by ``conv_groups``:
+
+- ``block`` (the default): one rank-r factorisation per group. A is a grouped conv ``(g*r, in/g, *k)``,
+  B a grouped pointwise conv ``(out, r, 1..)``, so ``s·BA`` has the grouped weight's own shape
+  ``(out, in/g, *k)``: it merges into W, combines and mixes like any LoRA. Per group it is exactly a
+  rank-r LoRA of that group's conv.
+- ``dense``: PEFT's layout. A is one ungrouped conv over all input channels ``(r, in, *k)`` and B a
+  grouped pointwise conv ``(out, r/g, 1..)`` (``r`` is the total rank, divisible by g). Output group j
+  reads A's rows of block j, which read every input channel, so the change is not a grouped weight:
+  not mergeable (PEFT warns "Merging is not supported" too). ``from_peft`` uses it for a PEFT grouped-conv
+  checkpoint whose ``lora_A`` mixes groups, so the load is exact; ``dense`` with DoRA computes PEFT's
+  weight norm exactly (``mm(B.view(-1, r), A.view(r, -1))`` reshaped to W).
+
+``block`` is the default for ``graftlib.apply`` because the graft stays in the base layer's function
+class: merging, exporting merged weights, combining and mixed batches all work, and the parameter count
+equals PEFT's at the same total rank (r per group times g groups).
 
 DoRA (``dora=true``): the branch is renormalised to a learned magnitude, see passes/dora.py.
 
-Merge: ``W += s * B @ A`` (Conv1D stores W as (in, out): ``W += (s * B @ A)^T``; conv:
-``einsum('or,rikl->oikl')`` per group; embedding: ``E += (s * B @ A)^T``).
+Merge: ``W += s * B @ A`` (Conv1D stores W as (in, out): ``W += (s * B @ A)^T``; conv: ``B_j @ A_j``
+per group, reshaped to the kernel; embedding: ``E += (s * B @ A)^T``).
 
 PEFT's format: ``peft_check`` / ``peft_import`` / ``peft_export`` live in passes/lora_peft.py.
 """
@@ -26,7 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlib.conv import conv_name, conv_op, ones, zeros
 from graftlib.editor import Editor
+from graftlib.packed import PACKED, weight_rows
 from graftlib.errors import GraftError
 from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site, _walk_back
@@ -34,7 +56,8 @@ from graftlib.spec import GraftCall
 
 from .dora import dora_merged_weight, dora_rewrite
 
-__all__ = ["LoRA", "lora_scale", "lora_delta", "peft_check", "peft_import", "peft_export"]
+__all__ = ["LoRA", "lora_scale", "lora_delta", "conv_lora_weight", "conv_factor_shapes", "peft_check", "peft_import",
+           "peft_export"]
 
 aten = torch.ops.aten
 
@@ -53,17 +76,25 @@ def _kaiming(shape: tuple[int, ...]) -> torch.Tensor:
 
 def lora_delta(site: Site, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """The weight change of one LoRA branch, in the stored weight's layout (its span for parts)."""
-    if site.kind == "conv2d":
-        groups = site.conv["groups"]
-        r = a.shape[0] // groups
-        out_per_group = b.shape[0] // groups
-        blocks = [torch.einsum("or,rikl->oikl", b[g * out_per_group:(g + 1) * out_per_group, :, 0, 0],
-                               a[g * r:(g + 1) * r]) for g in range(groups)]
-        return scale * torch.cat(blocks, dim=0)
+    if site.kind == "conv":
+        return scale * conv_lora_weight(site, a, b)
     delta = scale * (b @ a)  # (out, in) for linear; (dim, vocab) for embedding
     if site.kind in ("conv1d", "embedding"):
         return delta.T
     return delta
+
+
+def conv_lora_weight(site: Site, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B @ A`` of a block-layout conv LoRA in the kernel's layout (out, in/g, *k), group by group."""
+    groups = site.conv["groups"]
+    if groups > 1 and a.shape[1] == site.in_features:
+        raise GraftError(f"LoRA on the grouped convolution {site.path} in PEFT's dense layout "
+                         "(conv_groups=dense) is not mergeable: its change reads every input channel, which the "
+                         "grouped weight cannot hold; keep it unmerged, or train it with conv_groups=block")
+    r, out_per_group = a.shape[0] // groups, b.shape[0] // groups
+    blocks = [b[g * out_per_group:(g + 1) * out_per_group].reshape(out_per_group, r)
+              @ a[g * r:(g + 1) * r].reshape(r, -1) for g in range(groups)]              # (out/g, in/g·k)
+    return torch.cat(blocks).reshape(b.shape[0], *a.shape[1:])
 
 
 def scatter_columns(editor: Editor, delta: Any, site: Site) -> Any:
@@ -83,10 +114,19 @@ def scatter_columns(editor: Editor, delta: Any, site: Site) -> Any:
     return editor.call(aten.index_select.default, padded, -1, where_node)
 
 
+def conv_factor_shapes(site: Site, config: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(A's shape, B's shape, A's groups) of a conv site in the graft's layout (``conv_groups``)."""
+    conv, r = site.conv, config["r"]
+    groups, pointwise = conv["groups"], (1,) * len(conv["kernel"])
+    if groups > 1 and config.get("conv_groups") == "dense":                   # PEFT: r total
+        return (r, site.in_features, *conv["kernel"]), (site.out_features, r // groups, *pointwise), 1
+    return (r * groups, site.in_features // groups, *conv["kernel"]), (site.out_features, r, *pointwise), groups
+
+
 @register
 class LoRA(Method):
     name = "lora"
-    site_kinds = ("linear", "conv1d", "conv2d", "embedding")
+    site_kinds = ("linear", "conv1d", "conv", "embedding", PACKED)
     mergeable = True
     options = {
         "r": Option(8, (int,), positive, help="rank"),
@@ -94,13 +134,25 @@ class LoRA(Method):
         "dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="dropout on the branch input"),
         "rslora": Option(False, (bool,), help="scale alpha/sqrt(r) instead of alpha/r"),
         "dora": Option(False, (bool,), help="DoRA: learned magnitude over the renormalised weight (passes/dora.py)"),
+        "conv_groups": Option("block", (str,), choices=("block", "dense"),
+                              help="grouped convs: block (r per group, mergeable) or dense (PEFT's layout: "
+                                   "one A over all input channels, r total, not mergeable)"),
     }
 
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
-        if site.kind == "conv2d" and (site.out_features % site.conv["groups"]):
+        if site.kind == "conv" and (site.out_features % site.conv["groups"]):
             raise call.error(f"cannot graft lora on {site.path}: its {site.out_features} output channels "
                              f"do not split into {site.conv['groups']} groups")
-        if config.get("dora") and (site.part is not None or (site.kind == "conv2d" and site.conv["groups"] > 1)):
+        if config.get("dora") and site.kind == PACKED:
+            raise call.error(f"cannot graft lora(dora=true) on {site.key}: its weight is read in row blocks "
+                             "(nn.MultiheadAttention's in_proj; PEFT has no DoRA there either); drop dora")
+        dense = site.kind == "conv" and site.conv["groups"] > 1 and config.get("conv_groups") == "dense"
+        if dense and config["r"] % site.conv["groups"]:
+            raise call.error(f"cannot graft lora(conv_groups=dense) on the {conv_name(site)} {site.path}: r="
+                             f"{config['r']} (the total rank in this layout) must be divisible by its "
+                             f"{site.conv['groups']} groups")
+        if config.get("dora") and (site.part is not None or (site.kind == "conv" and site.conv["groups"] > 1
+                                                             and not dense)):
             what = "a slice of a fused projection" if site.part else "a grouped convolution"
             raise call.error(f"cannot graft lora(dora=true) on {site.key}, {what}: DoRA normalises whole "
                              "weight rows (PEFT has no DoRA there either); target the whole module or drop dora")
@@ -118,17 +170,17 @@ class LoRA(Method):
             if config.get("dora"):
                 return dora_rewrite(editor, site, config, scale, a, b, x, low)
             delta = editor.call(aten.linear.default, low, b)
-        elif site.kind == "conv2d":
-            conv = site.conv
-            groups = conv["groups"]
+        elif site.kind == "conv":
+            conv, groups = site.conv, site.conv["groups"]
             x = self._dropout(editor, anchor.args[0], config)
-            a = editor.param("lora_A", lambda: _kaiming((r * groups, site.in_features // groups, *conv["kernel"])))
-            b = editor.param("lora_B", lambda: torch.zeros(site.out_features, r, 1, 1))
-            low = editor.call(aten.conv2d.default, x, a, None, conv["stride"], conv["padding"],
-                              conv["dilation"], groups)
+            a_shape, b_shape, a_groups = conv_factor_shapes(site, config)
+            a = editor.param("lora_A", lambda: _kaiming(a_shape))
+            b = editor.param("lora_B", lambda: torch.zeros(b_shape))
+            low = editor.call(conv_op(site), x, a, None, conv["stride"], conv["padding"],
+                              conv["dilation"], a_groups)                        # (N, A rows, *spatial')
             if config.get("dora"):
                 return dora_rewrite(editor, site, config, scale, a, b, x, low)
-            delta = editor.call(aten.conv2d.default, low, b, None, [1, 1], [0, 0], [1, 1], groups)
+            delta = editor.call(conv_op(site), low, b, None, ones(site), zeros(site), ones(site), groups)
         else:
             x = self._branch_input(anchor, site)
             x = self._dropout(editor, x, config)
@@ -140,6 +192,9 @@ class LoRA(Method):
                     raise GraftError(f"lora(dora=true) on {site.key}: a strided part of a fused projection "
                                      "is not supported with DoRA yet; target the whole projection")
                 return dora_rewrite(editor, site, config, scale, a, b, x, low)
+            if site.kind == PACKED:                                             # this anchor's rows of B
+                _, lo, hi = weight_rows(anchor.args[1])
+                b = editor.call(aten.slice.Tensor, b, 0, lo, hi)
             delta = editor.call(aten.linear.default, low, b)
             if site.columns is not None:
                 delta = scatter_columns(editor, delta, site)
@@ -172,7 +227,6 @@ class LoRA(Method):
         return x
 
     @staticmethod
-    @staticmethod
     def _dropout(editor: Editor, x: Any, config: dict[str, Any]) -> Any:
         if config["dropout"] > 0:
             return editor.call(aten.dropout.default, x, config["dropout"], True)
@@ -184,6 +238,8 @@ class LoRA(Method):
             return self.delta(site, params, config), None
         names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
         a, b = (params[n].detach() for n in names)
+        if site.kind == "conv":
+            conv_lora_weight(site, a[:0], b[:, :0])   # refuses PEFT's dense grouped layout (not mergeable)
         m = params["lora_magnitude_vector"].detach()
         return dora_merged_weight(site, weight, a, b, m, lora_scale(config)) - weight, None
 

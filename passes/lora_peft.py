@@ -1,9 +1,24 @@
 """LoRA in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors`` <-> ``lora(...)``.
 
     PEFT LoRA on module M   base_model.model.M.lora_A.weight (r, in), .lora_B.weight (out, r)
-                            (conv2d (r, in, kh, kw) / (out, r, 1, 1); embeddings lora_embedding_A (r, vocab)
-                            and lora_embedding_B (dim, r))
+                            (nn.Conv1d/2d/3d (r, in, *k) / (out, r/groups, 1, ...); embeddings lora_embedding_A
+                            (r, vocab) and lora_embedding_B (dim, r))
         ->  lora(re:"M|...", r=R, alpha=a, rslora=..., dropout=p)
+    PEFT LoRA on nn.MultiheadAttention M   M.lora_A/B (in_proj: (r, E), (3E, r)) and
+                            M.base_layer.out_proj.lora_A/B  ->  the sites M (in_proj) and M.out_proj
+
+A grouped conv whose ``lora_A`` mixes groups (PEFT's own init always does) loads in PEFT's dense layout,
+``conv_groups=dense`` (not mergeable, see passes/lora.py); one whose A is block-diagonal loads in the block
+layout, which merges. PEFT applies an nn.MultiheadAttention's LoRA by merging it into ``in_proj_weight``
+and ``out_proj.weight`` for the call; graftlib's branch on both projections is the same function (to float
+rounding), with one exception kept on purpose: PEFT (0.21.2 and its main branch at 5d602fd) adds the
+out_proj delta twice in that merge (``W + 2·s·B A``; huggingface/peft PR #3774, open), in its forward and
+in ``merge_and_unload``, so a PEFT-trained MHA adapter *is* that model. ``from_peft`` loads the out_proj's
+B doubled (exact) and ``save_peft`` writes it halved, so both directions compute what PEFT computes;
+checkpoints from a PEFT version after 0.21.2 are refused until it is known whether the fix landed there.
+The in-projection is a site both when it is one ``linear`` (batched self-attention) and when the model
+cuts ``in_proj_weight`` into q, k, v rows first (unbatched or cross-attention: a ``packed`` site,
+graftlib/packed.py).
 
 The LoRA pass's PEFT hooks (re-exported by passes/lora.py; ``graftlib/peft.py`` dispatches to them and
 keeps the format: reading, key naming, target matching, modules_to_save):
@@ -57,9 +72,10 @@ def peft_import(config: dict[str, Any], state: Mapping[str, torch.Tensor], model
     """The lora(...) spec, tensors per site key and the per-site PEFT (r, alpha) for a PEFT LoRA checkpoint.
 
     `state` holds the LoRA tensors (modules_to_save split off); `grafted` is the module loaded into (its
-    base graph's sites are the candidates), `model` its base model (unused: the sites are the graph's).
+    base graph's sites are the candidates), `model` its base model (its module types name what a
+    refusal is about).
     """
-    return _lora_plan(grafted, SiteIndex.build(grafted.base_graph_module), config, state, source)
+    return _lora_plan(grafted, SiteIndex.build(grafted.base_graph_module), config, state, source, model)
 
 
 def peft_export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -103,7 +119,7 @@ def _check_lora_options(config: Mapping[str, Any], source: str) -> None:
 
 
 def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any],
-               state: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict, dict]:
+               state: Mapping[str, torch.Tensor], source: str, model: Any = None) -> tuple[str, dict, dict]:
     """The lora(...) spec, tensors per site key and extras for a PEFT LoRA checkpoint."""
     _check_lora_options(config, source)
     by_path: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -119,27 +135,120 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     sites = {s.path: s for s in index.sites if s.kind in LORA_KINDS and s.part is None}
     chosen = {p: s for p, s in sites.items() if peft_target_match(config, p)}
     model_name = grafted._traced.model_class
+    modules = _named_modules(grafted, model)
+    chosen = _with_attention(chosen, sites, by_path, modules, config, source)   # nn.MultiheadAttention
     for path in sorted(set(by_path) - set(chosen)):
         key = next(iter(by_path[path].values()))[0]
         if path in sites:
             raise LoadError(f"{source}: tensor {key!r} is for {path}, which the config's target_modules "
                             "do not select; the checkpoint does not match its config")
-        raise LoadError(f"{source}: tensor {key!r} is for module {path!r}, which {model_name} does not have "
-                        f"(or never calls); was the adapter saved from another base model? Nearest: "
-                        f"{near_names(path, sites)}")
+        raise _unknown_module(source, key, path, modules, sites, model_name)
     if not chosen:
         raise LoadError(f"{source}: target_modules {config.get('target_modules')!r} select no module of "
                         f"{model_name} that LoRA can adapt; was the adapter saved from another base model?")
     rslora = bool(config.get("use_rslora", False))
     entries = {}
     for path, site in chosen.items():
-        r, alpha = _site_rank_alpha(config, path)
+        r, alpha = _site_rank_alpha(config, _attention_owner(path, modules) or path)
         entries[path] = (site, r, alpha, *_site_tensors(site, by_path.get(path, {}), r, source))
+    # grouped convs: the block layout when every lora_A is block-diagonal (it merges), else PEFT's dense one
+    dense = bool(config.get("use_dora")) or any(
+        block_groups(e[3], e[0].conv["groups"]) is None for e in entries.values() if _grouped(e[0]))
+    dense = dense and any(_grouped(e[0]) for e in entries.values())
+    if not dense:
+        entries = {p: (e[0], e[1], e[2], block_groups(e[3], e[0].conv["groups"]) if _grouped(e[0]) else e[3], e[4])
+                   for p, e in entries.items()}
     magnitudes = peft_import_magnitudes(config, chosen, by_path, source)  # DoRA (passes/dora.py); {} without
-    spec, tensors, extras = _lora_spec(entries, config, rslora)
+    spec, tensors, extras = _lora_spec(entries, config, rslora, dense)
     for path, magnitude in magnitudes.items():
         tensors[chosen[path].key]["lora_magnitude_vector"] = magnitude
     return (spec[:-1] + ", dora=true)" if config.get("use_dora") else spec), tensors, extras
+
+
+def _grouped(site: Site) -> bool:
+    return site.kind == "conv" and site.conv["groups"] > 1
+
+
+_HANDLED_LAYERS = ("Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d, Embedding and "
+                   "nn.MultiheadAttention (self-attention calls)")
+
+
+def _named_modules(grafted: "GraftedModule", model: Any) -> dict[str, Any]:
+    model = model if isinstance(model, torch.nn.Module) else grafted._model
+    return dict(model.named_modules()) if isinstance(model, torch.nn.Module) else {}
+
+
+def _attention_owner(path: str, modules: Mapping[str, Any]) -> str | None:
+    """The nn.MultiheadAttention `path` belongs to as PEFT targets it (itself, or its out_proj), else None."""
+    owner = path[:-len(".out_proj")] if path.endswith(".out_proj") else path
+    return owner if isinstance(modules.get(owner), torch.nn.MultiheadAttention) else None
+
+
+def _with_attention(chosen: dict[str, Site], sites: Mapping[str, Site], by_path: dict, modules: Mapping[str, Any],
+                    config: Mapping[str, Any], source: str) -> dict[str, Site]:
+    """PEFT's LoRA on an nn.MultiheadAttention M is two graftlib sites: M (the packed in_proj) and M.out_proj,
+    whose tensors PEFT keys ``M.base_layer.out_proj.*``; `by_path` is re-keyed to the site paths."""
+    chosen = dict(chosen)
+    for path, module in modules.items():
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            continue
+        out = f"{path}.out_proj"
+        if out in chosen and not peft_target_match(config, path):
+            raise LoadError(f"{source}: not supported: PEFT LoRA on {out}, the out_proj of the nn.MultiheadAttention "
+                            f"{path!r}, targeted alone: PEFT never calls it there, so PEFT's model ignores that LoRA; "
+                            f"target {path!r} itself")
+        if not peft_target_match(config, path):
+            continue
+        if path not in sites or out not in sites:
+            raise LoadError(f"{source}: not supported: LoRA on the nn.MultiheadAttention {path!r} as the model calls "
+                            "it (graftlib finds its packed in-projection only in self-attention calls, query is key "
+                            "is value, and its out_proj as a linear)")
+        if not module._qkv_same_embed_dim:
+            raise LoadError(f"{source}: not supported: LoRA on the nn.MultiheadAttention {path!r} with separate "
+                            "q/k/v weights (PEFT has no LoRA there either)")
+        chosen[path], chosen[out] = sites[path], sites[out]
+        stored = f"{path}.base_layer.out_proj"
+        if stored in by_path:
+            by_path[out] = by_path.pop(stored)
+            if "lora_B" in by_path[out]:
+                key, b = by_path[out]["lora_B"]
+                by_path[out]["lora_B"] = (key, b * _out_proj_factor(config, source))
+    return chosen
+
+
+#: PEFT versions known to add an nn.MultiheadAttention's out_proj LoRA twice (huggingface/peft PR #3774)
+_OUT_PROJ_TWICE_THROUGH = (0, 21, 2)
+
+
+def _out_proj_factor(config: Mapping[str, Any], source: str) -> float:
+    """2.0: PEFT up to 0.21.2 computes ``W + 2·s·B A`` on an MHA's out_proj (see the module docstring)."""
+    text = str(config.get("peft_version") or "0.21.2")
+    numbers = tuple(int(n) for n in re.findall(r"\d+", text)[:3])
+    if numbers > _OUT_PROJ_TWICE_THROUGH:
+        raise LoadError(f"{source}: not supported: LoRA on nn.MultiheadAttention saved by PEFT {text}: PEFT through "
+                        "0.21.2 applies the out_proj delta twice (huggingface/peft PR #3774) and graftlib does not "
+                        "know whether this version still does")
+    return 2.0
+
+
+def _unknown_module(source: str, key: str, path: str, modules: Mapping[str, Any], sites: Mapping[str, Site],
+                    model_name: str) -> LoadError:
+    """A tensor for a module graftlib has no site for: a layer type it does not handle, a module the traced
+    forward never calls, or (only when the model has no such module) an adapter from another model."""
+    module = modules.get(path)
+    if module is not None:
+        kind = type(module).__name__
+        if any(p == path or p.startswith(path + ".") for p in sites) or isinstance(module, _HANDLED_TYPES):
+            return LoadError(f"{source}: tensor {key!r} is for the {kind} {path!r}, which {model_name}'s traced "
+                             "forward never calls (with these example inputs); graftlib adapts what the graph "
+                             "computes")
+        return LoadError(f"{source}: not supported: LoRA on the {kind} module {path!r} (graftlib's LoRA loads "
+                         f"PEFT checkpoints on {_HANDLED_LAYERS})")
+    return LoadError(f"{source}: tensor {key!r} is for module {path!r}, which {model_name} does not have; was the "
+                     f"adapter saved from another base model? Nearest: {near_names(path, sites)}")
+
+
+_HANDLED_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 
 
 def _site_tensors(site: Site, found: Mapping[str, tuple[str, torch.Tensor]], r: int,
@@ -147,15 +256,15 @@ def _site_tensors(site: Site, found: Mapping[str, tuple[str, torch.Tensor]], r: 
     """Validated (A, B) in graftlib's layout for one site."""
     names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
     suffix = "" if site.kind == "embedding" else ".weight"
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         conv = site.conv
-        if tuple(conv["dilation"]) != (1, 1) and any(k > 1 for k in conv["kernel"]):
+        if any(d != 1 for d in conv["dilation"]) and any(k > 1 for k in conv["kernel"]):
             raise LoadError(f"{source}: not supported: LoRA on the dilated convolution {site.path} (PEFT's "
                             "lora_A ignores dilation; its output does not line up with the base conv)")
         if r % conv["groups"]:
             raise LoadError(f"{source}: not supported: rank {r} on {site.path} with {conv['groups']} groups")
         a_shape = (r, site.in_features, *conv["kernel"])
-        b_shape = (site.out_features, r // conv["groups"], 1, 1)
+        b_shape = (site.out_features, r // conv["groups"], *[1] * len(conv["kernel"]))
     elif site.kind == "embedding":
         a_shape, b_shape = (r, site.in_features), (site.out_features, r)
     else:
@@ -173,21 +282,21 @@ def _site_tensors(site: Site, found: Mapping[str, tuple[str, torch.Tensor]], r: 
                             "the adapter saved from another base model?")
         tensors.append(tensor)
     a, b = tensors
-    if site.kind == "conv2d" and site.conv["groups"] > 1:
-        grouped = block_groups(a, site.conv["groups"])
-        if grouped is None:
-            raise LoadError(f"{source}: not supported: LoRA on the grouped convolution {site.path} whose "
-                            "lora_A mixes groups (graftlib's conv LoRA is one factorisation per group)")
-        a = grouped
     return a, b
 
 
-def _lora_spec(entries: dict[str, tuple], config: dict[str, Any], rslora: bool) -> tuple[str, dict, dict]:
-    groups = {path: (e[0].conv["groups"] if e[0].kind == "conv2d" else 1) for path, e in entries.items()}
-    ranks = {path: e[1] // groups[path] for path, e in entries.items()}       # graftlib r per group
+def _lora_spec(entries: dict[str, tuple], config: dict[str, Any], rslora: bool,
+               dense: bool = False) -> tuple[str, dict, dict]:
+    """`dense`: grouped convs in PEFT's layout (graft r = PEFT's total r), else r per group."""
+    groups = {path: (e[0].conv["groups"] if e[0].kind == "conv" else 1) for path, e in entries.items()}
+    ranks = {path: e[1] if dense else e[1] // groups[path] for path, e in entries.items()}   # graftlib r
     rank = max(ranks.values())
+    if dense and any(rank % g for g in groups.values()):
+        raise LoadError(f"not supported: PEFT ranks {sorted({e[1] for e in entries.values()})} with grouped convs "
+                        "of mixed group counts in one adapter (graftlib stores one rank per adapter)")
     scales = {path: _scale(e[1], e[2], rslora) for path, e in entries.items()}
-    uniform = len({(e[1], e[2]) for e in entries.values()}) == 1 and all(g == 1 for g in groups.values())
+    uniform = len({(e[1], e[2]) for e in entries.values()}) == 1 and \
+        (dense or all(g == 1 for g in groups.values()))
     if uniform:
         alpha = next(iter(entries.values()))[2]
     else:
@@ -196,12 +305,13 @@ def _lora_spec(entries: dict[str, tuple], config: dict[str, Any], rslora: bool) 
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     paths = sorted(entries)
     spec = (f're:"{_exact_regex(paths)}", r={rank}, alpha={_float_text(alpha)}, '
-            f"dropout={_float_text(dropout)}, rslora={'true' if rslora else 'false'}")
+            f"dropout={_float_text(dropout)}, rslora={'true' if rslora else 'false'}"
+            f"{', conv_groups=dense' if dense else ''}")
     graft_scale = _scale(rank, float(_float_text(alpha)), rslora)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for path in paths:
         site, r, site_alpha, a, b = entries[path]
-        a, b = pad_rank(a, b, rank, groups[path])
+        a, b = pad_rank(a, b, rank // groups[path] if dense else rank, groups[path])
         if scales[path] != graft_scale:
             b = b * (scales[path] / graft_scale)
         names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
@@ -219,6 +329,12 @@ class _Out:
     alpha: float
     a: torch.Tensor
     b: torch.Tensor
+    target: str = ""        # the module PEFT targets (an nn.MultiheadAttention for its out_proj)
+    stored: str = ""        # the module path of PEFT's keys (``M.base_layer.out_proj`` for that out_proj)
+
+    def __post_init__(self) -> None:
+        self.target = self.target or self.site.path
+        self.stored = self.stored or self.site.path
 
 
 def _lora_scale(config: Mapping[str, Any]) -> float:
@@ -231,7 +347,7 @@ def _export_site(site: Site, params: Mapping[str, torch.Tensor], config: Mapping
     """(PEFT r, alpha, A, B, groups) for one whole-module site; `original` is the imported (r, alpha)."""
     names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
     a, b = params[names[0]].detach(), params[names[1]].detach()
-    groups = site.conv["groups"] if site.kind == "conv2d" else 1
+    groups = site.conv["groups"] if site.kind == "conv" else 1
     rslora = bool(config.get("rslora"))
     scale = _lora_scale(config)
     if original is not None:
@@ -280,21 +396,62 @@ def _lora_outputs(grafted: "GraftedModule", record: "GraftRecord", index: SiteIn
     outputs = []
     for path, entries in by_path.items():
         site = entries[0][0]
-        if site.kind == "conv2d":
+        if site.kind == "conv":
             conv = site.conv
-            if tuple(conv["dilation"]) != (1, 1) and any(k > 1 for k in conv["kernel"]):
+            if any(d != 1 for d in conv["dilation"]) and any(k > 1 for k in conv["kernel"]):
                 raise GraftError(f"not supported: saving LoRA on the dilated convolution {path} in PEFT's "
                                  "format (PEFT's conv LoRA ignores dilation, so it would compute another model)")
         if len(entries) == 1 and site.part is None:
             r, alpha, a, b, groups = _export_site(site, entries[0][1], record.config, originals.get(site.key))
-            outputs.append(_Out(site, r, alpha, dense_groups(a, groups), b))
+            dense = a.shape[1] == site.in_features if site.kind == "conv" else False
+            outputs.append(_Out(site, r, alpha, a if dense else dense_groups(a, groups), b))
             continue
         whole = next((s for s in index.sites if s.key == path), None)
         if whole is None:
             raise GraftError(f"cannot save {path} in PEFT's format: its fused projection is not a site")
         r, alpha, a, b = _fuse_parts(entries, record.config, whole)
         outputs.append(_Out(whole, r, alpha, a, b))
-    return outputs
+    return _attention_outputs(grafted, outputs, index, record.config)
+
+
+def _attention_outputs(grafted: "GraftedModule", outputs: list[_Out], index: SiteIndex,
+                       config: Mapping[str, Any]) -> list[_Out]:
+    """An nn.MultiheadAttention's two sites as PEFT's one LoRA on the module: its out_proj keyed
+    ``M.base_layer.out_proj``, both at one rank and alpha (the missing one, or the lower rank, zero-padded)."""
+    modules = _named_modules(grafted, None)
+    by_path = {o.site.path: o for o in outputs}
+    rslora = bool(config.get("rslora"))
+    for path, module in modules.items():
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            continue
+        out_path = f"{path}.out_proj"
+        if path not in by_path and out_path not in by_path:
+            continue
+        pair = []
+        for site_path in (path, out_path):
+            site = next((s for s in index.sites if s.key == site_path), None)
+            if site is None:
+                raise GraftError(f"cannot save LoRA on the nn.MultiheadAttention {path!r} in PEFT's format: "
+                                 f"{site_path} is not a site of the graph")
+            pair.append(by_path.get(site_path))
+        present = [o for o in pair if o is not None]
+        scale = _scale(present[0].r, present[0].alpha, rslora)
+        if any(abs(_scale(o.r, o.alpha, rslora) - scale) > 1e-12 * abs(scale) for o in present):
+            raise GraftError(f"cannot save LoRA on the nn.MultiheadAttention {path!r} in PEFT's format: its in_proj "
+                             "and out_proj have different scales, and PEFT gives the module one")
+        rank = max(o.r for o in present)
+        alpha = scale * (math.sqrt(rank) if rslora else rank)
+        for i, site_path in enumerate((path, out_path)):
+            site = index.by_key(site_path)
+            old = pair[i]
+            a = old.a if old is not None else torch.zeros(0, site.in_features)
+            b = old.b if old is not None else torch.zeros(site.out_features, 0)
+            a, b = pad_rank(a, b, rank)
+            if i == 1:
+                b = b / 2.0   # PEFT (through 0.21.2) adds the out_proj delta twice: see the module docstring
+            stored = path if i == 0 else f"{path}.base_layer.out_proj"
+            by_path[site_path] = _Out(site, rank, alpha, a, b, target=path, stored=stored)
+    return list(by_path.values())
 
 
 def _known_paths(grafted: "GraftedModule") -> set[str]:
@@ -316,19 +473,19 @@ def _lora_config(grafted: "GraftedModule", record: "GraftRecord", outputs: list[
                  index: SiteIndex) -> dict[str, Any]:
     original = (record.extras.get("peft") or {}).get("config")
     rslora = bool(record.config.get("rslora"))
-    paths = sorted(o.site.path for o in outputs)
+    paths = sorted({o.target for o in outputs})
     if original is not None:
         same_sites = sorted(p for p in paths if peft_target_match(original, p)) == paths and all(
             not peft_target_match(original, s.path) or s.path in paths
             for s in index.sites if s.kind in LORA_KINDS and not s.part)
-        same_ranks = all(_site_rank_alpha(original, o.site.path) == (o.r, o.alpha) for o in outputs)
+        same_ranks = all(_site_rank_alpha(original, o.target) == (o.r, o.alpha) for o in outputs)
         if same_sites and same_ranks and bool(original.get("use_rslora")) == rslora and \
                 bool(original.get("use_dora")) == bool(record.config.get("dora")):
             return dict(original)
     r = Counter(o.r for o in outputs).most_common(1)[0][0]
     alpha = Counter(o.alpha for o in outputs if o.r == r).most_common(1)[0][0]
-    rank_pattern = {re.escape(o.site.path): o.r for o in outputs if o.r != r}
-    alpha_pattern = {re.escape(o.site.path): o.alpha for o in outputs if o.alpha != alpha}
+    rank_pattern = {re.escape(o.target): o.r for o in outputs if o.r != r}
+    alpha_pattern = {re.escape(o.target): o.alpha for o in outputs if o.alpha != alpha}
     name_or_path = getattr(grafted._traced.config, "_name_or_path", None) or None
     base = {k: v for k, v in (original or {}).items()
             if k in ("task_type", "base_model_name_or_path", "revision", "auto_mapping")}
@@ -353,8 +510,8 @@ def _export_lora(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[
             names = ("lora_embedding_A", "lora_embedding_B")
         else:
             names = ("lora_A.weight", "lora_B.weight")
-        state[f"{PREFIX}{out.site.path}.{names[0]}"] = out.a
-        state[f"{PREFIX}{out.site.path}.{names[1]}"] = out.b
+        state[f"{PREFIX}{out.stored}.{names[0]}"] = out.a
+        state[f"{PREFIX}{out.stored}.{names[1]}"] = out.b
     if record.config.get("dora"):
         state.update(peft_export_magnitudes(grafted, record, index, PREFIX))  # passes/dora.py
     return _lora_config(grafted, record, outputs, index), state

@@ -44,7 +44,7 @@ from ._weight_delta import (PEFT_PREFIX, check_options, float_text, peft_sites, 
 __all__ = ["OFT", "oft_blocks", "oft_rotation", "peft_import", "peft_export"]
 
 aten = torch.ops.aten
-_WEIGHT_ARG = {"linear": 1, "conv2d": 1, "embedding": 0}
+_WEIGHT_ARG = {"linear": 1, "conv": 1, "embedding": 0}
 
 
 # -- block geometry (PEFT's OFTLayer.update_layer / adjust_oft_parameters) ----------------------
@@ -64,7 +64,7 @@ def rotated_dim(site: Site) -> int:
     """The dimension OFT rotates: in features, in*kh*kw for conv2d, the embedding dim."""
     if site.kind == "embedding":
         return site.out_features
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         kh, kw = site.conv["kernel"]
         return site.in_features * kh * kw
     return site.in_features
@@ -124,7 +124,7 @@ def _rotate_eager(site: Site, weight: torch.Tensor, rotation: torch.Tensor, bloc
 @register
 class OFT(Method):
     name = "oft"
-    site_kinds = ("linear", "conv2d", "embedding")
+    site_kinds = ("linear", "conv", "embedding")
     mergeable = True
     delta_reads_weight = True
     options = {
@@ -146,8 +146,11 @@ class OFT(Method):
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
         if site.part is not None:
             raise call.error(f"cannot graft oft on {site.key}: a slice of a fused projection")
-        if site.kind == "conv2d":
+        if site.kind == "conv":
             conv = site.conv
+            if conv["dims"] != 2:
+                raise call.error(f"not supported: oft on the Conv{conv['dims']}d {site.path} (graftlib's oft "
+                                 "handles Linear, Conv2d and Embedding)")
             if conv["groups"] != 1 or tuple(conv["dilation"]) != (1, 1) or conv["kernel"][0] != conv["kernel"][1]:
                 raise call.error(f"cannot graft oft on {site.path}: grouped, dilated or non-square convolutions "
                                  "are not supported (as in PEFT)")
@@ -293,7 +296,7 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
     state = {}
     for path in paths:
         site = index.by_key(path)
-        if site.kind == "conv2d" and tuple(site.conv["kernel"]) != (1, 1):
+        if site.kind == "conv" and tuple(site.conv["kernel"]) != (1, 1):
             raise GraftError(f"not supported: saving OFT on the k x k convolution {path} in PEFT's format (PEFT's "
                              "unmerged forward there is not this rotation); use g.save(dir)")
         name = "oft_embedding_R" if site.kind == "embedding" else "oft_R"

@@ -70,7 +70,7 @@ def _hook_reference(model: nn.Module, g: graftlib.Grafted, inputs: dict) -> torc
             def delta(mod, x, site=site, ae=p["lora_A"] * p["lora_E"], b=p["lora_B"], scale=scale):
                 if site.kind == "embedding":
                     return scale * F.embedding(x, ae.T) @ b.T
-                if site.kind == "conv2d":
+                if site.kind == "conv":
                     c = site.conv
                     kernel = (b @ ae).reshape(mod.weight.shape)
                     return scale * F.conv2d(x, kernel, None, c["stride"], c["padding"], c["dilation"], c["groups"])

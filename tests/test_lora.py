@@ -82,7 +82,7 @@ def _hook_reference(model, g: graftlib.Grafted, inputs) -> torch.Tensor:
             def delta(mod, x, site=site, p=params, s=scale):
                 if site.kind == "embedding":
                     return s * F.embedding(x, p["lora_embedding_A"].T) @ p["lora_embedding_B"].T
-                if site.kind == "conv2d":
+                if site.kind == "conv":
                     c = site.conv
                     low = F.conv2d(x, p["lora_A"], None, c["stride"], c["padding"], c["dilation"], c["groups"])
                     return s * F.conv2d(low, p["lora_B"], groups=c["groups"])

@@ -72,7 +72,7 @@ def _per_row(g, inputs: dict, names: list[str]) -> torch.Tensor:
 # -- hand-computed deltas ------------------------------------------------------------------------
 def _delta(site, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """s * B A in the stored weight's layout, written out per site kind."""
-    if site.kind == "conv2d":
+    if site.kind == "conv":
         groups = site.conv["groups"]
         r, out = a.shape[0] // groups, b.shape[0] // groups
         return scale * torch.cat([torch.einsum("or,rikl->oikl", b[j * out:(j + 1) * out, :, 0, 0],

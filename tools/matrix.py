@@ -209,7 +209,7 @@ def _fold_lora(model: nn.Module, g: Any, sites: list[Any]) -> nn.Module:
             params = tensors[site.key]
             a, b = params["lora_A"].detach(), params["lora_B"].detach()
             weight = ref.get_submodule(site.path).weight
-            if site.kind == "conv2d":
+            if site.kind == "conv":
                 delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * scale
                 weight += delta
                 continue
