@@ -84,13 +84,18 @@ def lora_delta(site: Site, a: torch.Tensor, b: torch.Tensor, scale: float) -> to
     return delta
 
 
-def conv_lora_weight(site: Site, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``B @ A`` of a block-layout conv LoRA in the kernel's layout (out, in/g, *k), group by group."""
-    groups = site.conv["groups"]
-    if groups > 1 and a.shape[1] == site.in_features:
+def refuse_dense_merge(site: Site, a: torch.Tensor) -> None:
+    """PEFT's dense grouped-conv layout (A over every input channel) has no grouped weight to merge into."""
+    if site.conv["groups"] > 1 and a.shape[1] == site.in_features:
         raise GraftError(f"LoRA on the grouped convolution {site.path} in PEFT's dense layout "
                          "(conv_groups=dense) is not mergeable: its change reads every input channel, which the "
                          "grouped weight cannot hold; keep it unmerged, or train it with conv_groups=block")
+
+
+def conv_lora_weight(site: Site, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B @ A`` of a block-layout conv LoRA in the kernel's layout (out, in/g, *k), group by group."""
+    refuse_dense_merge(site, a)
+    groups = site.conv["groups"]
     r, out_per_group = a.shape[0] // groups, b.shape[0] // groups
     blocks = [b[g * out_per_group:(g + 1) * out_per_group].reshape(out_per_group, r)
               @ a[g * r:(g + 1) * r].reshape(r, -1) for g in range(groups)]              # (out/g, in/g·k)
@@ -239,7 +244,7 @@ class LoRA(Method):
         names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
         a, b = (params[n].detach() for n in names)
         if site.kind == "conv":
-            conv_lora_weight(site, a[:0], b[:, :0])   # refuses PEFT's dense grouped layout (not mergeable)
+            refuse_dense_merge(site, a)
         m = params["lora_magnitude_vector"].detach()
         return dora_merged_weight(site, weight, a, b, m, lora_scale(config)) - weight, None
 
