@@ -152,6 +152,13 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                             "load a different model")
     modules = {name: module for name, module in model.named_modules() if name and _adaptable(module)}
     chosen = sorted(path for path in modules if peft_target_match(config, path))
+    named = dict(model.named_modules())
+    for key in state:
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.ia3_l", key)
+        other = named.get(match.group(1)) if match is not None else None
+        if other is not None and not _adaptable(other):
+            raise LoadError(f"IA3 checkpoint: not supported: IA3 on the {type(other).__name__} module "
+                            f"{match.group(1)!r} (graftlib's IA3 handles Linear, Conv1D and nn.Conv1d/2d/3d)")
     if not chosen:
         raise LoadError(f"IA3 checkpoint: target_modules {config.get('target_modules')!r} select no linear or "
                         f"conv module of {type(model).__name__}; was it saved from another base model?")

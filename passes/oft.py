@@ -18,9 +18,10 @@ and W' = W exactly. Merge: ``W += W' - W`` (the delta reads the base weight); OF
 so it is not mixed per row, and one weight takes one OFT adapter.
 
 PEFT (``peft_type`` OFT, tensors ``<module>.oft_R.weight`` / ``oft_embedding_R.weight``): ``peft_import`` /
-``peft_export`` below. Refused: PEFT OFT on a k x k Conv2d (PEFT's unmerged forward unfolds and folds
-the input, which sums overlapping patches and ignores padding: it is neither its own merged model nor
-the base model at init), grouped convs, dilation, ``bias`` other than "none". ``module_dropout`` is
+``peft_export`` below. PEFT OFT on a k x k Conv2d unfolds, rotates and folds the *input* in its unmerged
+forward, which is neither its own merged model nor the base model at init; ``peft_conv=true`` reproduces
+that forward exactly (passes/oft_conv.py; not mergeable) and ``from_peft`` loads k x k conv checkpoints
+with it. Refused: grouped convs, dilation, ``bias`` other than "none". ``module_dropout`` is
 accepted and has no effect, as in PEFT 0.21.2 (which builds its MultiplicativeDropoutLayer but never
 calls it in forward).
 """
@@ -38,6 +39,7 @@ from graftlib.registry import Method, Option, positive, register
 from graftlib.sites import Site
 from graftlib.spec import GraftCall
 
+from .oft_conv import unfold_rotate_fold
 from ._weight_delta import (PEFT_PREFIX, check_options, float_text, peft_sites, peft_spec_regex, site_paths,
                             target_modules)
 
@@ -135,6 +137,8 @@ class OFT(Method):
         "eps": Option(6e-5, (float,), positive, help="COFT's bound"),
         "neumann": Option(True, (bool,), help="Cayley by a Neumann series (PEFT's use_cayley_neumann)"),
         "neumann_terms": Option(5, (int,), positive, help="terms of the Neumann series"),
+        "peft_conv": Option(False, (bool,), help="k x k Conv2d: PEFT's unmerged forward (unfold, rotate and fold "
+                                                 "the input; passes/oft_conv.py), not mergeable"),
     }
 
     def validate(self, call: GraftCall, config: dict[str, Any]) -> None:
@@ -172,6 +176,8 @@ class OFT(Method):
             rotation = self._rotation(editor, vec, size, config)                    # (r or 1, b, b)
             if config["block_share"]:
                 rotation = editor.call(aten.expand.default, rotation, [blocks, size, size])
+            if _input_side(site, config):
+                return unfold_rotate_fold(editor, site, rotation, blocks, size)
             rotated = self._rotate(editor, site, weight, rotation, blocks, size)
             editor.join(weight, aten.expand_as.default, rotated, weight)           # W' stands for W
 
@@ -229,12 +235,20 @@ class OFT(Method):
               weight: torch.Tensor | None = None) -> torch.Tensor:
         if weight is None:
             raise GraftError("oft's delta needs the base weight (W' - W)")
+        if _input_side(site, config):
+            raise GraftError(f"oft(peft_conv=true) on {site.path} is not mergeable: PEFT's unmerged k x k conv "
+                             "forward (unfold, rotate, fold the input) is no weight change; keep it unmerged")
         blocks, size = oft_blocks(site, config)
         rotation = oft_rotation(params["oft_R"].detach(), size, config)
         if config["block_share"]:
             rotation = rotation.expand(blocks, size, size)
         weight = weight.detach()
         return _rotate_eager(site, weight, rotation, blocks) - weight
+
+
+def _input_side(site: Site, config: dict[str, Any]) -> bool:
+    """PEFT's unfold-rotate-fold of the input (a k x k conv with peft_conv), rather than a weight rotation."""
+    return site.kind == "conv" and bool(config.get("peft_conv")) and tuple(site.conv["kernel"]) != (1, 1)
 
 
 def _check_private(weight: fx.Node, site: Site) -> None:
@@ -260,13 +274,7 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
         raise LoadError(f"OFT checkpoint: not supported: bias={config['bias']!r} (trained biases of the base model)")
     paths = peft_sites(config, model, (nn.Linear, nn.Conv2d, nn.Embedding), "oft")
     modules = dict(model.named_modules())
-    for path in paths:
-        module = modules[path]
-        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1):
-            raise LoadError(f"not supported: PEFT OFT on the {module.kernel_size[0]}x{module.kernel_size[1]} Conv2d "
-                            f"{path!r}: PEFT's unmerged forward there (unfold, rotate, fold) sums overlapping "
-                            "patches and ignores padding, so it is not the rotation PEFT merges (and differs from "
-                            "the base model at init); only 1x1 convolutions load exactly")
+    peft_conv = any(isinstance(modules[p], nn.Conv2d) and tuple(modules[p].kernel_size) != (1, 1) for p in paths)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     wanted = {f"{PEFT_PREFIX}{p}.{'oft_embedding_R' if isinstance(modules[p], nn.Embedding) else 'oft_R'}.weight": p
               for p in paths}
@@ -283,6 +291,8 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                f"coft={'true' if config.get('coft') else 'false'}", f"eps={float_text(config.get('eps', 6e-5))}",
                f"neumann={'true' if config.get('use_cayley_neumann', True) else 'false'}",
                f"neumann_terms={int(config.get('num_cayley_neumann_terms', 5))}"]
+    if peft_conv:  # PEFT's unmerged k x k conv forward (passes/oft_conv.py)
+        options.append("peft_conv=true")
     return f"oft({', '.join(options)})", tensors
 
 
@@ -296,7 +306,7 @@ def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, to
     state = {}
     for path in paths:
         site = index.by_key(path)
-        if site.kind == "conv" and tuple(site.conv["kernel"]) != (1, 1):
+        if site.kind == "conv" and tuple(site.conv["kernel"]) != (1, 1) and not record.config.get("peft_conv"):
             raise GraftError(f"not supported: saving OFT on the k x k convolution {path} in PEFT's format (PEFT's "
                              "unmerged forward there is not this rotation); use g.save(dir)")
         name = "oft_embedding_R" if site.kind == "embedding" else "oft_R"

@@ -207,10 +207,15 @@ def test_graph_diff_shows_the_adapter_at_its_sites(case_id):
 
 
 # -- refusals and spec errors ----------------------------------------------------------------------
-def test_peft_oft_on_a_k_by_k_conv_is_refused_with_the_reason():
-    directory, _, _ = _peft_dir("convnet", "oft", dict(target_modules=["stem"], oft_block_size=3, r=0))
-    with pytest.raises(LoadError, match="3x3 Conv2d 'stem'.*overlapping patches"):
-        graftlib.from_peft(build("convnet")[0], directory, example_inputs=example_inputs("convnet"))
+def test_peft_oft_on_a_k_by_k_conv_loads_peft_s_unmerged_forward():
+    """PEFT's k x k conv OFT unfolds, rotates and folds the input (passes/oft_conv.py): loaded as such, not merged."""
+    directory, want, _ = _peft_dir("convnet", "oft", dict(target_modules=["stem"], oft_block_size=3, r=0))
+    model, inputs = build("convnet")
+    g = graftlib.from_peft(model, directory, example_inputs=example_inputs("convnet")).eval()
+    assert "peft_conv=true" in g.adapters["default"].spec
+    assert (_run(g, inputs) - want).abs().max().item() <= TOL
+    with pytest.raises(graftlib.GraftError, match="not mergeable"):
+        g.merge()
 
 
 class _MLP(torch.nn.Module):

@@ -25,7 +25,7 @@ import graftlib
 from graftlib.errors import GraftError, LoadError
 
 peft = pytest.importorskip("peft")
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel, get_peft_model  # noqa: E402
 
 TOL = 1e-5
 
@@ -60,6 +60,16 @@ class GroupedConv2dNet(nn.Module):
         return self.lin(torch.relu(self.conv(x)).flatten(1))
 
 
+class Conv2dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.lin = nn.Linear(6 * 9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x (B, 4, 5, 5): overlapping 3x3 patches
+        return self.lin(torch.relu(self.conv(x)).flatten(1))
+
+
 class MhaNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -77,6 +87,7 @@ MODELS = {
     "conv1d-wide": (lambda: Conv1dNet(channels=64), (2, 64, 6)),
     "conv3d": (Conv3dNet, (2, 3, 2, 2, 2)),
     "conv2d-groups": (GroupedConv2dNet, (2, 8, 4, 4)),
+    "conv2d": (Conv2dNet, (2, 4, 5, 5)),
     "mha": (MhaNet, (5, 2, 8)),
     "mha-unbatched": (MhaNet, (5, 8)),
 }
@@ -99,6 +110,10 @@ CASES: dict[str, tuple[str, Any, bool, bool]] = {
     "lokr-conv1d-cp": ("conv1d-wide", LoKrConfig(target_modules=["conv"], r=2, use_effective_conv2d=True), True, False),
     "lokr-conv1d-groups": ("conv1d-groups", LoKrConfig(target_modules=["conv"], r=2), True, False),
     "ia3-conv3d": ("conv3d", IA3Config(target_modules=["conv", "lin"], feedforward_modules=[]), True, True),
+    # PEFT's unmerged OFT on a k x k conv unfolds, rotates and folds the input: oft(peft_conv=true)
+    "oft-conv2d": ("conv2d", OFTConfig(target_modules=["conv"], r=0, oft_block_size=6), False, True),
+    "oft-conv2d-share-coft": ("conv2d", OFTConfig(target_modules=["conv"], r=0, oft_block_size=4, block_share=True,
+                                                  coft=True), False, False),
     "ia3-conv3d-ff": ("conv3d", IA3Config(target_modules=["conv"], feedforward_modules=["conv"]), True, False),
 }
 
@@ -118,7 +133,7 @@ def _randomise(module: nn.Module, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            if any(tag in name for tag in ("lora_", "hada_", "lokr_", "ia3_")):
+            if any(tag in name for tag in ("lora_", "hada_", "lokr_", "ia3_", "oft_")):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if "ia3_" in name else 0.0))
 
 
