@@ -106,10 +106,10 @@ CASES: dict[str, tuple[str, Any, bool, bool]] = {
     "loha-conv1d": ("conv1d", LoHaConfig(target_modules=["conv"], r=2), True, True),
     "loha-conv1d-cp": ("conv1d", LoHaConfig(target_modules=["conv"], r=2, use_effective_conv2d=True), True, False),
     "loha-conv1d-groups": ("conv1d-groups", LoHaConfig(target_modules=["conv"], r=2), True, False),
-    "lokr-conv1d": ("conv1d", LoKrConfig(target_modules=["conv"], r=2), True, True),
+    "lokr-conv1d": ("conv1d", LoKrConfig(target_modules=["conv"], r=2), True, False),
     "lokr-conv1d-cp": ("conv1d-wide", LoKrConfig(target_modules=["conv"], r=2, use_effective_conv2d=True), True, False),
     "lokr-conv1d-groups": ("conv1d-groups", LoKrConfig(target_modules=["conv"], r=2), True, False),
-    "ia3-conv3d": ("conv3d", IA3Config(target_modules=["conv", "lin"], feedforward_modules=[]), True, True),
+    "ia3-conv3d": ("conv3d", IA3Config(target_modules=["conv", "lin"], feedforward_modules=[]), True, False),
     # PEFT's unmerged OFT on a k x k conv unfolds, rotates and folds the input: oft(peft_conv=true)
     "oft-conv2d": ("conv2d", OFTConfig(target_modules=["conv"], r=0, oft_block_size=6), False, True),
     "oft-conv2d-share-coft": ("conv2d", OFTConfig(target_modules=["conv"], r=0, oft_block_size=4, block_share=True,
