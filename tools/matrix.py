@@ -210,7 +210,7 @@ def _fold_lora(model: nn.Module, g: Any, sites: list[Any]) -> nn.Module:
             a, b = params["lora_A"].detach(), params["lora_B"].detach()
             weight = ref.get_submodule(site.path).weight
             if site.kind == "conv":
-                delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * scale
+                delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(weight.shape) * scale  # any dims
                 weight += delta
                 continue
             delta = scale * (b @ a)                     # (out, in)
