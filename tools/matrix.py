@@ -41,14 +41,11 @@ NO_TOKENS = {"vision", "audio"}
 NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
-_NO_FFN = "ffn found by module names only; its linear -> activation -> linear structure is not read yet"
 _NORM_BETWEEN = "a {} sits between the FFN output and the residual add; adapters stop there"
 _EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
 _POSITIONS = "position ids derived from input_ids keep the unprompted length"
 _MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("albert", "adapter"): _NO_FFN,
-    ("hand-ffn", "adapter"): _NO_FFN,
     ("convnext", "adapter"): _NORM_BETWEEN.format("layer_scale multiply"),
     ("dinov2", "adapter"): _NORM_BETWEEN.format("layer scale"),
     ("gemma2", "adapter"): _NORM_BETWEEN.format("post-feed-forward RMSNorm"),
