@@ -239,8 +239,8 @@ class _Plan:
                 self.tensors[f"{adapter}/{holders[0].site_key}/{pname}"] = tensor
 
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-                       r"|lora_magnitude_vector)")
+_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A"
+                       r"|lora_embedding_B|lora_magnitude_vector)")
 
 
 def _strip_prefix(key: str) -> str | None:
