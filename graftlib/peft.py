@@ -75,7 +75,7 @@ PASS_TYPES = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt", "
 #: graftlib method -> its pass module with peft_export (for save_peft)
 PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
                 "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft",
-                "ia3": "ia3", "vera": "vera"}
+                "ia3": "ia3", "vera": "vera", "lora_param": "lora_param"}
 
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W

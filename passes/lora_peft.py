@@ -41,6 +41,7 @@ from graftlib.sites import Site
 
 from .dora import peft_export_magnitudes, peft_import_magnitudes
 from . import lora_peft_options as options
+from .lora_param import peft_import_params, peft_param_targets
 
 if TYPE_CHECKING:
     from graftlib.protocols import GraftedModule, GraftRecord
@@ -82,7 +83,6 @@ _WHY = {
     "kasa_config": "PEFT's KaSA replaces the base weight by its SVD truncation when it loads the adapter, and "
                    "adds a learned diagonal between A and B",
     "trainable_token_indices": "PEFT's TrainableTokens rows of an embedding",
-    "target_parameters": "LoRA on a raw nn.Parameter",
 }
 
 
@@ -101,7 +101,7 @@ def _check_lora_options(config: Mapping[str, Any], source: str) -> None:
     if config.get("use_qalora"):
         raise _not_supported(source, "use_qalora=True")
     targets = config.get("target_modules")
-    if targets is None:
+    if targets is None and not config.get("target_parameters"):
         raise LoadError(f"{source}: target_modules is null; PEFT writes the resolved list when it saves "
                         "an adapter, so this config was not written by save_pretrained")
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -129,6 +129,10 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     sites = {s.path: s for s in index.sites if s.kind in LORA_KINDS and s.part is None}
     chosen = {p: s for p, s in sites.items() if peft_target_match(config, p)}
     model_name = grafted._traced.model_class
+    raw = _parameter_targets(grafted, index, config, chosen, source)
+    if raw:
+        r, alpha = _one_rank(config, raw, source)
+        return peft_import_params(config, raw, state, grafted, source, r, alpha)
     for path in sorted(set(by_path) - set(chosen)):
         key = next(iter(by_path[path].values()))[0]
         if path in sites:
@@ -153,6 +157,46 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
         extras["notes"] = notes
     flags = (", dora=true" if config.get("use_dora") else "") + (", bias=true" if config.get("lora_bias") else "")
     return spec[:-1] + flags + ")", tensors, extras
+
+
+def _parameter_targets(grafted: "GraftedModule", index: SiteIndex, config: Mapping[str, Any],
+                       chosen: dict[str, Site], source: str) -> list[str]:
+    """PEFT's ``target_parameters``: a Linear's (out, in) weight joins `chosen` as that Linear's LoRA (W + s B A
+    read by linear(x, W) is the branch's output exactly); the others (raw parameters), returned, load as one
+    ``lora_param`` graft (passes/lora_param.py), which cannot share the adapter with module sites."""
+    if not config.get("target_parameters"):
+        return []
+    kinds = _graph_parameters(grafted.graph_module)
+    paths = peft_param_targets(config, [t for t, kind in kinds.items() if kind == "parameter"])
+    if not paths:
+        raise LoadError(f"{source}: target_parameters {config.get('target_parameters')!r} select no parameter of "
+                        f"{grafted._traced.model_class}; was the adapter saved from another base model?")
+    linear = {s.weight: s for s in index.sites if s.kind == "linear" and s.part is None}
+    raw = []
+    for path in paths:
+        site = linear.get(path)
+        if site is not None and site.path in chosen:
+            raise LoadError(f"{source}: not supported: {site.path} in target_modules and its {path} in "
+                            "target_parameters (PEFT nests two LoRAs there)")
+        if site is not None:
+            chosen[site.path] = site
+        else:
+            raw.append(path)
+    if raw and chosen:
+        raise LoadError(f"{source}: not supported: target_parameters {raw} (raw parameters, not a Linear's weight) "
+                        f"together with LoRA on modules ({', '.join(sorted(chosen))}) in one adapter")
+    return raw
+
+
+def _one_rank(config: Mapping[str, Any], paths: list[str], source: str) -> tuple[int, float]:
+    found = {_site_rank_alpha(config, p.rsplit(".", 1)[0]) for p in paths}
+    if len(found) != 1:
+        raise LoadError(f"{source}: not supported: rank_pattern / alpha_pattern giving target_parameters "
+                        f"{paths} different ranks")
+    if config.get("lora_dropout") or config.get("lora_bias") or config.get("use_dora"):
+        raise LoadError(f"{source}: not supported: target_parameters with lora_dropout, lora_bias or use_dora "
+                        "(PEFT refuses them too)")
+    return found.pop()
 
 
 def _site_tensors(site: Site, found: Mapping[str, tuple[str, torch.Tensor]], r: int,
