@@ -75,7 +75,8 @@ PASS_TYPES = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt", "
 #: graftlib method -> its pass module with peft_export (for save_peft)
 PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
                 "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft",
-                "ia3": "ia3", "vera": "vera", "lora_param": "lora_param"}
+                "ia3": "ia3", "vera": "vera", "lora_param": "lora_param",
+                "tokens": "tokens"}
 
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
@@ -355,7 +356,13 @@ def _plan(grafted: "GraftedModule", config: dict[str, Any], state: dict[str, tor
     spec, names = _with_name(spec, adapter)
     if len(names) != 1:
         raise GraftError(f"peft_import for {peft_type} returned {len(names)} grafts; expected one")
-    plan.add(names[0], spec, tensors, {"peft": {"config": config, **(more[0] if more else {})}})
+    extras = dict(more[0]) if more else {}
+    companions = extras.pop("companions", [])
+    plan.add(names[0], spec, tensors, {"peft": {"config": config, **extras}})
+    for suffix, companion_spec, companion_tensors in companions:  # e.g. trainable tokens beside a LoRA
+        name = _companion_name(grafted, names[0] + suffix, source)
+        plan.add(name, _with_name(companion_spec, name)[0], companion_tensors, {"peft": {"of": names[0]}})
+        plan.extras[names[0]]["peft"].setdefault("companions", []).append(name)
     owners, replaced = _modules_plan(grafted, config, modules, kinds, source)
     if replaced:
         name = plan.adapters[0] + MODULES_SUFFIX
@@ -366,6 +373,14 @@ def _plan(grafted: "GraftedModule", config: dict[str, Any], state: dict[str, tor
                  {"peft": {"of": plan.adapters[0], "modules_to_save": owners}})
         plan.extras[plan.adapters[0]]["peft"]["modules"] = name
     return plan
+
+
+def _companion_name(grafted: "GraftedModule", name: str, source: str) -> str:
+    check_adapter_name(name, LoadError)
+    if name in grafted.adapters:
+        raise LoadError(f"{source}: adapter {name!r} already exists: load with another adapter_name, or "
+                        f"delete_adapter({name!r}) first")
+    return name
 
 
 def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str = "default",
@@ -436,6 +451,7 @@ def _pick_adapter(grafted: "GraftedModule", adapter: str | None) -> "GraftRecord
         grafted._check_names([adapter])
         return grafted.adapters[adapter]
     owned = {(r.extras.get("peft") or {}).get("modules") for r in grafted.records}
+    owned |= {c for r in grafted.records for c in (r.extras.get("peft") or {}).get("companions", [])}
     main = [r for r in grafted.records if r.adapter not in owned]
     if len(main) != 1:
         names = ", ".join(r.adapter for r in main) or "(none)"
@@ -451,8 +467,10 @@ def _modules_record(grafted: "GraftedModule", record: "GraftRecord") -> "GraftRe
 
 
 def _export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    owner = (record.extras.get("peft") or {}).get("of")
+    if owner is not None and record.method != "replace":
+        raise GraftError(f"adapter {record.adapter!r} is saved with its adapter: save_peft(dir, adapter={owner!r})")
     if record.method == "replace":
-        owner = (record.extras.get("peft") or {}).get("of")
         hint = f"save_peft(dir, adapter={owner!r}) writes it with its LoRA" if owner else \
             "PEFT stores replaced modules only alongside an adapter (modules_to_save)"
         raise GraftError(f"adapter {record.adapter!r} replaces module weights; {hint}")
@@ -462,6 +480,11 @@ def _export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, 
     else:
         raise GraftError(f"not supported: saving a {record.method} adapter in PEFT's format "
                          "(use g.save(dir) for graftlib's own format)")
+    for name in (record.extras.get("peft") or {}).get("companions", []):
+        if name in grafted.adapters:  # deleted: written without it
+            companion = grafted.adapters[name]
+            hook = _pass_module(PASS_METHODS, companion.method, "peft_export_companion", "saving in PEFT format")
+            config, state = hook(grafted, companion, config, state)
     modules = _modules_record(grafted, record)
     if modules is not None:
         config, state = _export_modules(grafted, modules, config, state)

@@ -42,6 +42,7 @@ from graftlib.sites import Site
 from .dora import peft_export_magnitudes, peft_import_magnitudes
 from . import lora_peft_options as options
 from .lora_param import peft_import_params, peft_param_targets
+from .tokens import peft_companion
 
 if TYPE_CHECKING:
     from graftlib.protocols import GraftedModule, GraftRecord
@@ -82,7 +83,6 @@ _SAFE_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 _WHY = {
     "kasa_config": "PEFT's KaSA replaces the base weight by its SVD truncation when it loads the adapter, and "
                    "adds a learned diagonal between A and B",
-    "trainable_token_indices": "PEFT's TrainableTokens rows of an embedding",
 }
 
 
@@ -115,6 +115,8 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
                state: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict, dict]:
     """The lora(...) spec, tensors per site key and extras for a PEFT LoRA checkpoint."""
     _check_lora_options(config, source)
+    state = dict(state)
+    companion = peft_companion(config, state, grafted, source)  # trainable_token_indices: passes/tokens.py
     notes = options.training_notes(config)
     by_path: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in options.drop_training_state(config, state).items():
@@ -131,6 +133,8 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     model_name = grafted._traced.model_class
     raw = _parameter_targets(grafted, index, config, chosen, source)
     if raw:
+        if companion is not None:
+            raise LoadError(f"{source}: not supported: target_parameters {raw} together with trainable_token_indices")
         r, alpha = _one_rank(config, raw, source)
         return peft_import_params(config, raw, state, grafted, source, r, alpha)
     for path in sorted(set(by_path) - set(chosen)):
@@ -155,6 +159,8 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
         tensors[chosen[path].key]["lora_magnitude_vector"] = magnitude
     if notes:
         extras["notes"] = notes
+    if companion is not None:
+        extras["companions"] = [companion]
     flags = (", dora=true" if config.get("use_dora") else "") + (", bias=true" if config.get("lora_bias") else "")
     return spec[:-1] + flags + ")", tensors, extras
 

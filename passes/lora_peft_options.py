@@ -28,7 +28,8 @@ __all__ = ["HANDLED", "check_options", "training_notes", "drop_training_state", 
            "to_dense", "to_blocks", "bias_name"]
 
 #: LoRA config keys this module handles (besides the plain ones in lora_peft)
-HANDLED = {"lora_bias", "use_bdlora", "velora_config", "monteclora_config", "target_parameters"}
+HANDLED = {"lora_bias", "use_bdlora", "velora_config", "monteclora_config", "target_parameters",
+           "trainable_token_indices"}
 #: PEFT tensor suffixes of training-only state, per option
 _TRAINING_STATE = {"velora_config": re.compile(r"\.lora_velora_embed$"),
                    "monteclora_config": re.compile(r"\.lora_monteclora_sampler\.[A-Za-z_]+$")}
