@@ -24,7 +24,7 @@ activates both); ``save_peft(g, dir, "<adapter>")`` writes both.
 ``save_peft(g, dir, adapter)`` writes one adapter so that ``peft.PeftModel.from_pretrained(model, dir)``
 loads it. Both are exact: outputs match PEFT's to float rounding. Refused with "not supported: X" (never
 loaded as a different model): unknown PEFT types, the options a pass's ``peft_check`` refuses (LoRA:
-``lora_bias``, PiSSA-like inits, ...) and pickled ``adapter_model.bin`` files. A load validates every key
+``kasa_config``, PiSSA-like inits, ...) and pickled ``adapter_model.bin`` files. A load validates every key
 and shape before it changes anything; a failed load leaves the model and the grafted module as they were.
 """
 from __future__ import annotations
