@@ -78,6 +78,9 @@ PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuni
                 "ia3": "ia3", "vera": "vera", "lora_param": "lora_param",
                 "tokens": "tokens"}
 
+#: a companion graft's kind (extras["peft"]["companion"]) -> the pass module that writes it with its adapter
+COMPANION_HOOKS = {"tokens": "tokens"}
+
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
 
@@ -359,9 +362,10 @@ def _plan(grafted: "GraftedModule", config: dict[str, Any], state: dict[str, tor
     extras = dict(more[0]) if more else {}
     companions = extras.pop("companions", [])
     plan.add(names[0], spec, tensors, {"peft": {"config": config, **extras}})
-    for suffix, companion_spec, companion_tensors in companions:  # e.g. trainable tokens beside a LoRA
+    for suffix, companion_spec, companion_tensors, kind in companions:  # e.g. trainable tokens beside a LoRA
         name = _companion_name(grafted, names[0] + suffix, source)
-        plan.add(name, _with_name(companion_spec, name)[0], companion_tensors, {"peft": {"of": names[0]}})
+        plan.add(name, _with_name(companion_spec, name)[0], companion_tensors,
+                 {"peft": {"of": names[0], "companion": kind}})
         plan.extras[names[0]]["peft"].setdefault("companions", []).append(name)
     owners, replaced = _modules_plan(grafted, config, modules, kinds, source)
     if replaced:
@@ -483,7 +487,9 @@ def _export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, 
     for name in (record.extras.get("peft") or {}).get("companions", []):
         if name in grafted.adapters:  # deleted: written without it
             companion = grafted.adapters[name]
-            hook = _pass_module(PASS_METHODS, companion.method, "peft_export_companion", "saving in PEFT format")
+            kind = (companion.extras.get("peft") or {}).get("companion")
+            hook = _pass_module(COMPANION_HOOKS, kind if kind in COMPANION_HOOKS else "tokens",
+                                "peft_export_companion", "saving in PEFT format the companion")
             config, state = hook(grafted, companion, config, state)
     modules = _modules_record(grafted, record)
     if modules is not None:

@@ -37,7 +37,7 @@ from graftlib.lowrank import scale as _scale
 from graftlib.peft import (LORA_KINDS, PREFIX, _LORA_KEY, _empty, _exact_regex, _float_text, _graph_parameters,
                            _not_supported, _site_rank_alpha, _strip_prefix, peft_target_match)
 from graftlib.select import SiteIndex
-from graftlib.sites import Site
+from graftlib.sites import Site, weight_value
 
 from .dora import peft_export_magnitudes, peft_import_magnitudes
 from . import lora_peft_options as options
@@ -81,8 +81,6 @@ _LORA_HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision"
 _SAFE_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 #: why an option is refused (the README lists them)
 _WHY = {
-    "kasa_config": "PEFT's KaSA replaces the base weight by its SVD truncation when it loads the adapter, and "
-                   "adds a learned diagonal between A and B",
 }
 
 
@@ -117,6 +115,7 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     _check_lora_options(config, source)
     state = dict(state)
     companion = peft_companion(config, state, grafted, source)  # trainable_token_indices: passes/tokens.py
+    diagonals = options.kasa_diagonals(config, state)  # KaSA's lora_diag
     notes = options.training_notes(config)
     by_path: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in options.drop_training_state(config, state).items():
@@ -133,8 +132,9 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     model_name = grafted._traced.model_class
     raw = _parameter_targets(grafted, index, config, chosen, source)
     if raw:
-        if companion is not None:
-            raise LoadError(f"{source}: not supported: target_parameters {raw} together with trainable_token_indices")
+        if companion is not None or diagonals:
+            raise LoadError(f"{source}: not supported: target_parameters {raw} together with trainable_token_indices "
+                            "or kasa_config")
         r, alpha = _one_rank(config, raw, source)
         return peft_import_params(config, raw, state, grafted, source, r, alpha)
     for path in sorted(set(by_path) - set(chosen)):
@@ -152,7 +152,16 @@ def _lora_plan(grafted: "GraftedModule", index: SiteIndex, config: dict[str, Any
     entries = {}
     for path, site in chosen.items():
         r, alpha = _site_rank_alpha(config, path)
-        entries[path] = (site, r, alpha, *_site_tensors(site, by_path.get(path, {}), r, source, config))
+        a, b, bias = _site_tensors(site, by_path.get(path, {}), r, source, config)
+        if config.get("kasa_config"):  # PEFT's truncated base and diagonal as one rank-2r LoRA
+            weight = weight_value(grafted.base_graph_module, site.weight)
+            r, alpha, a, b = options.kasa_fold(site, weight, diagonals.pop(path, None), r, alpha, rslora, a, b,
+                                               source)
+        entries[path] = (site, r, alpha, a, b, bias)
+    if diagonals:
+        raise LoadError(f"{source}: unexpected tensor {next(iter(diagonals.values()))[0]!r}: not a KaSA module of "
+                        "the config's targets")
+
     magnitudes = peft_import_magnitudes(config, chosen, by_path, source)  # DoRA (passes/dora.py); {} without
     spec, tensors, extras = _lora_spec(entries, config, rslora)
     for path, magnitude in magnitudes.items():
@@ -456,7 +465,16 @@ def _export_lora(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[
             state[f"{PREFIX}{out.site.path}.lora_B.bias"] = out.bias
     if record.config.get("dora"):
         state.update(peft_export_magnitudes(grafted, record, index, PREFIX))  # passes/dora.py
+    original = (record.extras.get("peft") or {}).get("config") or {}
+    if original.get("kasa_config"):  # back to rank r + lora_diag (passes/lora_peft_options.py)
+        weights = {o.site.path: weight_value(grafted.base_graph_module, o.site.weight) for o in outputs}
+        state.update(options.kasa_outputs(original, outputs, weights, _site_rank_alpha, PREFIX))
+        for out in outputs:
+            state[f"{PREFIX}{out.site.path}.lora_A.weight"] = out.a
+            state[f"{PREFIX}{out.site.path}.lora_B.weight"] = out.b
     config = _lora_config(grafted, record, outputs, index)
+    if original.get("kasa_config") and not config.get("kasa_config"):
+        config = {**config, "kasa_config": original["kasa_config"]}
     if config.get("use_bdlora") and not _bdlora_state(config, outputs, state):
         config = {**config, "use_bdlora": None}  # a factor left block-diagonal form: plain LoRA, same outputs
     return config, state

@@ -6,6 +6,9 @@
     velora_config (VeLoRA)       eval forward is LoRA's; the training-time activation compression is not applied
     monteclora_config            eval forward is LoRA's (A unperturbed); the training-time Monte-Carlo sampling
                                  of A is not applied; its sampler tensors are not loaded
+    kasa_config (KaSA)           PEFT truncates the base weight by SVD at load (its r smallest components) and puts a
+                                 learned diagonal between A and B -> one rank-2r LoRA: [B·diag | -U_d S_d / s] [A ; Vh_d]
+                                 (mergeable); exported back to rank r with diag ones while the last r ranks are intact
     init_lora_weights='mica'     B set from the base weight's minor singular vectors at creation, saved in the
                                  checkpoint, so the load is LoRA's; PEFT freezes B in training, graftlib does not
 
@@ -15,6 +18,7 @@ original ``use_bdlora``; once training filled an off-diagonal block, the adapter
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -25,11 +29,11 @@ import torch
 from graftlib.errors import LoadError
 
 __all__ = ["HANDLED", "check_options", "training_notes", "drop_training_state", "bdlora_blocks",
-           "to_dense", "to_blocks", "bias_name"]
+           "to_dense", "to_blocks", "bias_name", "kasa_diagonals", "kasa_fold", "kasa_outputs"]
 
 #: LoRA config keys this module handles (besides the plain ones in lora_peft)
 HANDLED = {"lora_bias", "use_bdlora", "velora_config", "monteclora_config", "target_parameters",
-           "trainable_token_indices"}
+           "trainable_token_indices", "kasa_config"}
 #: PEFT tensor suffixes of training-only state, per option
 _TRAINING_STATE = {"velora_config": re.compile(r"\.lora_velora_embed$"),
                    "monteclora_config": re.compile(r"\.lora_monteclora_sampler\.[A-Za-z_]+$")}
@@ -39,6 +43,9 @@ _NOTES = {
     "monteclora_config": "MonteCLoRA's training-time Monte-Carlo sampling of lora_A is not applied (its eval "
                          "forward is plain LoRA's, which is what graftlib computes); its sampler state is not loaded",
 }
+_KASA_NOTE = ("KaSA's SVD-truncated base is held as the last r ranks of a rank-2r LoRA: graftlib trains them "
+              "with the rest (PEFT keeps the truncated base frozen; save_peft refuses once they changed), and "
+              "disable_adapters() gives the untruncated base (PEFT's disabled model keeps the truncation)")
 _MICA_NOTE = ("MiCA (init_lora_weights='mica') freezes lora_B in PEFT's training; graftlib trains both factors "
               "(the loaded model is the same)")
 
@@ -73,6 +80,8 @@ def check_options(config: Mapping[str, Any], source: str) -> None:
 def training_notes(config: Mapping[str, Any]) -> list[str]:
     """What a load of this config does not reproduce in training (warned once per load)."""
     notes = [text for key, text in _NOTES.items() if config.get(key)]
+    if config.get("kasa_config"):
+        notes.append(_KASA_NOTE)
     if config.get("init_lora_weights") == "mica":
         notes.append(_MICA_NOTE)
     for note in notes:
@@ -122,3 +131,74 @@ def to_blocks(dense: torch.Tensor, nblocks: int) -> torch.Tensor | None:
     if not torch.equal(torch.block_diag(*blocks), dense):
         return None
     return torch.cat(blocks, dim=0)
+
+
+# -- KaSA --------------------------------------------------------------------------------------------
+def _dropped(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_d S_d (out, r), Vh_d (r, in)): the `r` smallest singular components of `weight` (out, in), from
+    the fp32 SVD PEFT's ``KasaLinearVariant._truncate_base_weight`` takes."""
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
+    keep = min(weight.shape) - r
+    return u[:, keep:] * s[keep:], vh[keep:, :]
+
+
+def _scale(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def kasa_diagonals(config: Mapping[str, Any], state: dict[str, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
+    """``{module path: (key, lora_diag (r,))}`` taken out of `state` for a ``kasa_config`` checkpoint."""
+    if not config.get("kasa_config"):
+        return {}
+    found = {}
+    for key in [k for k in state if k.endswith(".lora_diag")]:
+        found[key[len("base_model.model."):-len(".lora_diag")]] = (key, state.pop(key))
+    return found
+
+
+def kasa_fold(site: Any, weight: torch.Tensor, diag: tuple[str, torch.Tensor] | None, r: int, alpha: float,
+              rslora: bool, a: torch.Tensor, b: torch.Tensor, source: str
+              ) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """KaSA as one plain LoRA of rank 2r, (2r, alpha', A', B'), with the same scale s:
+
+        W' x + s B(diag * A x)  =  W x + s [B·diag | -U_d S_d / s] [A ; Vh_d] x
+
+    (W' = W - U_d S_d Vh_d is PEFT's truncated base), so it merges into W like any LoRA."""
+    key = f"base_model.model.{site.path}.lora_diag"
+    if site.kind != "linear":
+        raise LoadError(f"{source}: not supported: KaSA on {site.path} ({site.kind}); PEFT's KaSA is for nn.Linear")
+    if diag is None:
+        raise LoadError(f"{source}: tensor {key!r} is missing (expected shape ({r},)); the config has kasa_config")
+    if tuple(diag[1].shape) != (r,):
+        raise LoadError(f"{source}: tensor {key!r} has shape {tuple(diag[1].shape)} but r={r} needs ({r},)")
+    if r >= min(site.in_features, site.out_features):
+        raise LoadError(f"{source}: KaSA needs r={r} below min(in, out) of {site.path}")
+    scale = _scale(r, alpha, rslora)
+    us, vh = _dropped(weight, r)
+    a2 = torch.cat([a, vh.to(a.dtype)], dim=0)                                  # (2r, in)
+    b2 = torch.cat([b * diag[1], (-us / scale).to(b.dtype)], dim=1)             # (out, 2r)
+    return 2 * r, scale * (math.sqrt(2 * r) if rslora else 2 * r), a2, b2
+
+
+def kasa_outputs(config: Mapping[str, Any], outputs: list[Any], weights: Mapping[str, torch.Tensor],
+                 site_rank_alpha: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """Cut exported KaSA LoRAs back to rank r (in place on `outputs`) and give their ``lora_diag`` (ones: B
+    holds B·diag); refused when the truncation part no longer is PEFT's (training changed it)."""
+    from graftlib.errors import GraftError
+
+    extra = {}
+    rslora = bool(config.get("use_rslora"))
+    for out in outputs:
+        r, alpha = site_rank_alpha(config, out.site.path)
+        if out.r != 2 * r:
+            raise GraftError(f"cannot save the KaSA LoRA on {out.site.path}: rank {out.r}, expected 2 x {r}")
+        us, vh = _dropped(weights[out.site.path], r)
+        scale = _scale(r, alpha, rslora)
+        if not (torch.allclose(out.a[r:], vh.to(out.a.dtype), rtol=1e-5, atol=1e-6) and
+                torch.allclose(out.b[:, r:], (-us / scale).to(out.b.dtype), rtol=1e-5, atol=1e-6)):
+            raise GraftError(f"cannot save the KaSA adapter on {out.site.path} in PEFT's format: its last {r} ranks "
+                             "no longer are PEFT's SVD truncation of the base weight (PEFT recomputes that when "
+                             "loading); save it with g.save(dir)")
+        out.a, out.b, out.r, out.alpha = out.a[:r], out.b[:, :r], r, alpha
+        extra[f"{prefix}{out.site.path}.lora_diag"] = out.a.new_ones(r)
+    return extra

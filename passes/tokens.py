@@ -116,8 +116,8 @@ def _match(target: Any, path: str) -> bool:
 
 # -- PEFT's format -------------------------------------------------------------------------------
 def peft_companion(config: Mapping[str, Any], state: dict[str, torch.Tensor], grafted: "GraftedModule",
-                   source: str) -> tuple[str, str, dict[str, dict[str, torch.Tensor]]] | None:
-    """(suffix, spec, tensors) of the ``tokens`` graft for LoRA's ``trainable_token_indices``, taking its
+                   source: str) -> tuple[str, str, dict[str, dict[str, torch.Tensor]], str] | None:
+    """(suffix, spec, tensors, "tokens") of the ``tokens`` graft for LoRA's ``trainable_token_indices``, taking its
     tensors out of `state`; None when the config has none."""
     wanted = config.get("trainable_token_indices")
     if not wanted:
@@ -156,7 +156,7 @@ def peft_companion(config: Mapping[str, Any], state: dict[str, torch.Tensor], gr
         raise LoadError(f"{source}: trainable_token_indices: id {max(ids)} is out of range for {path}")
     spec = f'tokens("{path}", ids=[{", ".join(str(int(i)) for i in ids)}])'
     where = torch.tensor([int(i) for i in ids], dtype=torch.long)
-    return SUFFIX, spec, {weight: {_ROWS: rows, "token_ids": where}}
+    return SUFFIX, spec, {weight: {_ROWS: rows, "token_ids": where}}, "tokens"
 
 
 def peft_export_companion(grafted: "GraftedModule", record: "GraftRecord", config: dict[str, Any],
