@@ -7,8 +7,9 @@
     monteclora_config            eval forward is LoRA's (A unperturbed); the training-time Monte-Carlo sampling
                                  of A is not applied; its sampler tensors are not loaded
     kasa_config (KaSA)           PEFT truncates the base weight by SVD at load (its r smallest components) and puts a
-                                 learned diagonal between A and B -> one rank-2r LoRA: [B·diag | -U_d S_d / s] [A ; Vh_d]
-                                 (mergeable); exported back to rank r with diag ones while the last r ranks are intact
+                                 learned diagonal between A and B -> one LoRA of rank r + min(in, out):
+                                 [B·diag | B_t] [A ; A_t] with s B_t A_t = W' - W exactly as PEFT computes W'
+                                 (mergeable); exported back to rank r with diag ones while the truncation is intact
     init_lora_weights='mica'     B set from the base weight's minor singular vectors at creation, saved in the
                                  checkpoint, so the load is LoRA's; PEFT freezes B in training, graftlib does not
 
@@ -43,7 +44,8 @@ _NOTES = {
     "monteclora_config": "MonteCLoRA's training-time Monte-Carlo sampling of lora_A is not applied (its eval "
                          "forward is plain LoRA's, which is what graftlib computes); its sampler state is not loaded",
 }
-_KASA_NOTE = ("KaSA's SVD-truncated base is held as the last r ranks of a rank-2r LoRA: graftlib trains them "
+_KASA_NOTE = ("KaSA's SVD-truncated base is held as extra ranks (r + min(in, out) in all) of the LoRA: graftlib "
+              "trains them "
               "with the rest (PEFT keeps the truncated base frozen; save_peft refuses once they changed), and "
               "disable_adapters() gives the untruncated base (PEFT's disabled model keeps the truncation)")
 _MICA_NOTE = ("MiCA (init_lora_weights='mica') freezes lora_B in PEFT's training; graftlib trains both factors "
@@ -134,12 +136,22 @@ def to_blocks(dense: torch.Tensor, nblocks: int) -> torch.Tensor | None:
 
 
 # -- KaSA --------------------------------------------------------------------------------------------
-def _dropped(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_d S_d (out, r), Vh_d (r, in)): the `r` smallest singular components of `weight` (out, in), from
-    the fp32 SVD PEFT's ``KasaLinearVariant._truncate_base_weight`` takes."""
+def truncation_delta(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """W' - W (out, in): PEFT's KaSA base W' (``KasaLinearVariant._truncate_base_weight``: fp32 SVD, the `r`
+    smallest components dropped, back in the weight's dtype) minus the base weight."""
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
     keep = min(weight.shape) - r
-    return u[:, keep:] * s[keep:], vh[keep:, :]
+    truncated = ((u[:, :keep] * s[:keep]) @ vh[:keep, :]).to(weight.dtype)
+    return truncated - weight.detach()
+
+
+def _truncation_factors(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_t (k, in), B_t (out, k)), k = min(in, out), with s B_t A_t = W' - W: an identity and the delta."""
+    delta = truncation_delta(weight, r)                                           # (out, in)
+    out_features, in_features = delta.shape
+    if in_features <= out_features:
+        return torch.eye(in_features, dtype=delta.dtype), delta / scale
+    return delta / scale, torch.eye(out_features, dtype=delta.dtype)
 
 
 def _scale(r: int, alpha: float, rslora: bool) -> float:
@@ -159,11 +171,13 @@ def kasa_diagonals(config: Mapping[str, Any], state: dict[str, torch.Tensor]) ->
 def kasa_fold(site: Any, weight: torch.Tensor, diag: tuple[str, torch.Tensor] | None, r: int, alpha: float,
               rslora: bool, a: torch.Tensor, b: torch.Tensor, source: str
               ) -> tuple[int, float, torch.Tensor, torch.Tensor]:
-    """KaSA as one plain LoRA of rank 2r, (2r, alpha', A', B'), with the same scale s:
+    """KaSA as one plain LoRA of rank r + k, k = min(in, out), with the same scale s:
 
-        W' x + s B(diag * A x)  =  W x + s [B·diag | -U_d S_d / s] [A ; Vh_d] x
+        W' x + s B(diag * A x)  =  W x + s [B·diag | B_t] [A ; A_t] x,   s B_t A_t = W' - W
 
-    (W' = W - U_d S_d Vh_d is PEFT's truncated base), so it merges into W like any LoRA."""
+    W' is PEFT's truncated base computed as PEFT does, so the load is PEFT's to float rounding (a rank-r
+    form of W' - W from the dropped singular vectors misses PEFT's own rounding of W', ~1e-5 on large
+    inputs); it merges into W like any LoRA."""
     key = f"base_model.model.{site.path}.lora_diag"
     if site.kind != "linear":
         raise LoadError(f"{source}: not supported: KaSA on {site.path} ({site.kind}); PEFT's KaSA is for nn.Linear")
@@ -174,10 +188,11 @@ def kasa_fold(site: Any, weight: torch.Tensor, diag: tuple[str, torch.Tensor] | 
     if r >= min(site.in_features, site.out_features):
         raise LoadError(f"{source}: KaSA needs r={r} below min(in, out) of {site.path}")
     scale = _scale(r, alpha, rslora)
-    us, vh = _dropped(weight, r)
-    a2 = torch.cat([a, vh.to(a.dtype)], dim=0)                                  # (2r, in)
-    b2 = torch.cat([b * diag[1], (-us / scale).to(b.dtype)], dim=1)             # (out, 2r)
-    return 2 * r, scale * (math.sqrt(2 * r) if rslora else 2 * r), a2, b2
+    a_t, b_t = _truncation_factors(weight, r, scale)
+    rank = r + a_t.shape[0]
+    a2 = torch.cat([a, a_t.to(a.dtype)], dim=0)                                 # (r + k, in)
+    b2 = torch.cat([b * diag[1], b_t.to(b.dtype)], dim=1)                       # (out, r + k)
+    return rank, scale * (math.sqrt(rank) if rslora else rank), a2, b2
 
 
 def kasa_outputs(config: Mapping[str, Any], outputs: list[Any], weights: Mapping[str, torch.Tensor],
@@ -190,15 +205,15 @@ def kasa_outputs(config: Mapping[str, Any], outputs: list[Any], weights: Mapping
     rslora = bool(config.get("use_rslora"))
     for out in outputs:
         r, alpha = site_rank_alpha(config, out.site.path)
-        if out.r != 2 * r:
-            raise GraftError(f"cannot save the KaSA LoRA on {out.site.path}: rank {out.r}, expected 2 x {r}")
-        us, vh = _dropped(weights[out.site.path], r)
-        scale = _scale(r, alpha, rslora)
-        if not (torch.allclose(out.a[r:], vh.to(out.a.dtype), rtol=1e-5, atol=1e-6) and
-                torch.allclose(out.b[:, r:], (-us / scale).to(out.b.dtype), rtol=1e-5, atol=1e-6)):
-            raise GraftError(f"cannot save the KaSA adapter on {out.site.path} in PEFT's format: its last {r} ranks "
-                             "no longer are PEFT's SVD truncation of the base weight (PEFT recomputes that when "
-                             "loading); save it with g.save(dir)")
+        a_t, b_t = _truncation_factors(weights[out.site.path], r, _scale(r, alpha, rslora))
+        if out.r != r + a_t.shape[0]:
+            raise GraftError(f"cannot save the KaSA LoRA on {out.site.path}: rank {out.r}, expected {r} + "
+                             f"{a_t.shape[0]}")
+        if not (torch.allclose(out.a[r:], a_t.to(out.a.dtype), rtol=1e-5, atol=1e-7) and
+                torch.allclose(out.b[:, r:], b_t.to(out.b.dtype), rtol=1e-5, atol=1e-7)):
+            raise GraftError(f"cannot save the KaSA adapter on {out.site.path} in PEFT's format: its last "
+                             f"{out.r - r} ranks no longer are PEFT's SVD truncation of the base weight (PEFT "
+                             "recomputes that when loading); save it with g.save(dir)")
         out.a, out.b, out.r, out.alpha = out.a[:r], out.b[:, :r], r, alpha
         extra[f"{prefix}{out.site.path}.lora_diag"] = out.a.new_ones(r)
     return extra

@@ -335,13 +335,13 @@ def test_bad_option_specs_are_clear(spec, match):
         graftlib.apply(_model("emb"), spec, example_inputs=_inputs("emb"))
 
 
-def test_kasa_is_one_rank_2r_lora_and_refuses_a_changed_truncation(tmp_path):
+def test_kasa_is_one_lora_holding_the_truncation_and_refuses_a_changed_truncation(tmp_path):
     case = _peft_case("mlp-kasa")
     g = graftlib.from_peft(_model("mlp"), case["dir"], example_inputs=case["inputs"]).eval()
     record = g.adapters["default"]
-    assert record.method == "lora" and record.config["r"] == 8 and list(g.adapters) == ["default"]
+    assert record.method == "lora" and record.config["r"] == 4 + 12 and list(g.adapters) == ["default"]
     params = g.store.tensors("default")["lin0"]
     with torch.no_grad():
         params["lora_A"][-1].add_(0.01)  # the truncation part, changed as training would
-    with pytest.raises(graftlib.GraftError, match="no longer are PEFT's SVD truncation"):
+    with pytest.raises(graftlib.GraftError, match="no longer are PEFT.s SVD truncation"):
         g.save_peft(tmp_path, adapter="default")
