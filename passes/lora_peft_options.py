@@ -45,8 +45,7 @@ _NOTES = {
                          "forward is plain LoRA's, which is what graftlib computes); its sampler state is not loaded",
 }
 _KASA_NOTE = ("KaSA's SVD-truncated base is held as extra ranks (r + min(in, out) in all) of the LoRA: graftlib "
-              "trains them "
-              "with the rest (PEFT keeps the truncated base frozen; save_peft refuses once they changed), and "
+              "trains them with the rest (PEFT keeps the truncated base frozen; save_peft refuses once they changed), and "
               "disable_adapters() gives the untruncated base (PEFT's disabled model keeps the truncation)")
 _MICA_NOTE = ("MiCA (init_lora_weights='mica') freezes lora_B in PEFT's training; graftlib trains both factors "
               "(the loaded model is the same)")
