@@ -46,6 +46,8 @@ def _ids(value: Any) -> str | None:
         value = (value,)
     if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         return "must be token ids: an id, a list like [0, 10] or a range like 5-9"
+    if len(value) > 100_000:
+        return f"lists {len(value)} token ids; at most 100000"
     if len(set(value)) != len(value):
         return "lists a token id twice"
     return None
