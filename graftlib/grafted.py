@@ -572,6 +572,10 @@ class Grafted(nn.Module):
         """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""
         self.save(directory)
 
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Hugging Face's model tags (TRL's trainers add theirs); kept here, not on the user's model (hf.py)."""
+        hf.add_model_tags(self, tags)
+
     def get_extra_state(self) -> torch.Tensor:
         """The graft's config in the state dict, so a Trainer checkpoint loads with graftlib.load (hf.py)."""
         return hf.config_bytes(self)
