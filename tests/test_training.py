@@ -438,3 +438,25 @@ def test_first_trace_under_saved_tensors_hooks_leaves_them_to_the_call() -> None
     assert sorted(first_saved.values()) == sorted(again_saved.values()) and first_saved
     first.sum().backward()  # what the hooks kept is usable
     assert all(p.grad is not None for p in g.trainable_parameters().values())
+
+
+def test_checkpointing_enabled_on_the_model_before_grafting_is_kept(monkeypatch) -> None:
+    """``model.gradient_checkpointing_enable()`` then ``apply``: the graft checkpoints per block (torch.export
+    drops the model's own), with the gradients of a graft of the same model without checkpointing."""
+    from models import build_with_head
+
+    ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    results = []
+    for enable in (True, False):
+        model = build_with_head("llama")
+        if enable:
+            model.gradient_checkpointing_enable()
+        g = graftlib.apply(model, "lora(q,v,r=4)").train()
+        _randomise(g)
+        assert g.is_gradient_checkpointing is enable
+        results.append(_grads_and_checkpointed_calls(g, inputs, monkeypatch))
+    (kept, kept_calls), (plain, plain_calls) = results
+    assert (kept_calls, plain_calls) == (2, 0)  # 2 layers
+    for name in plain:
+        torch.testing.assert_close(kept[name], plain[name], rtol=0, atol=0)
