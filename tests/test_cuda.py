@@ -318,3 +318,9 @@ def test_a_move_leaves_nothing_on_the_cpu(arch: str, monkeypatch) -> None:
         want = model(**{k: torch.zeros_like(v, device="cpu") for k, v in inputs.items()})  # (eager reads masks)
     assert got.last_hidden_state.device.type == "meta"
     assert got.last_hidden_state.shape == want.last_hidden_state.shape
+    with torch.no_grad():  # a new input set: traced on the user's (CPU) model, then moved like the graft
+        hidden = g(**inputs, output_hidden_states=True).hidden_states
+        want_hidden = model(**{k: torch.zeros_like(v, device="cpu") for k, v in inputs.items()},
+                            output_hidden_states=True).hidden_states
+    assert [h.shape for h in hidden] == [h.shape for h in want_hidden] and len(hidden) == 3  # embeddings + 2 layers
+    assert all(h.device.type == "meta" for h in hidden)

@@ -6,8 +6,8 @@
 #
 # torch: pyproject.toml pins torch==2.13.0. A CUDA build preinstalled on the box ("2.13.0+cu128" and the like)
 # satisfies that pin (PEP 440 ignores the local "+cu..." label), and it is also written into a pip constraints
-# file, so `pip install -e '.[test]'` keeps it. A torch of another version is refused (exit 2) rather than
-# replaced: install torch 2.13.0 for the box's CUDA first. With no torch at all, torch==2.13.0 is installed
+# file, so `pip install -e '.[test,bench]'` keeps it. A torch of another version is refused (exit 2) rather than
+# replaced: install torch 2.13.0 for the box's CUDA first. The bench extra comes along (psutil). With no torch at all, torch==2.13.0 is installed
 # from the configured index (PyPI's Linux x86_64 wheel is a CUDA build). If pip cannot reach an index
 # (an offline box) and the test requirements are already importable, the checks run anyway.
 #
@@ -41,7 +41,7 @@ CONSTRAINTS=$(mktemp)
 echo "torch==$HAVE" > "$CONSTRAINTS"
 if [ -n "${GPU_CHECK_NO_INSTALL:-}" ]; then
     log "GPU_CHECK_NO_INSTALL set: no pip install"
-elif ! "$PY" -m pip install -q -c "$CONSTRAINTS" -e '.[test]' 2>&1 | tail -5 | tee -a "$RESULTS"; then
+elif ! (set -o pipefail; "$PY" -m pip install -q -c "$CONSTRAINTS" -e '.[test,bench]' 2>&1 | tail -5 | tee -a "$RESULTS"); then
     log "pip install -e '.[test]' failed (offline?); continuing with what is installed"
 fi
 if ! "$PY" -c "import graftlib.passes.lora" 2>/dev/null; then  # not installed: the worktree layout instead
