@@ -93,6 +93,9 @@ def _validate(g: "GraftedModule", weights: Mapping[str, float], how: str, rank: 
         if g.adapters[adapter].config.get("dora"):
             raise GraftError(f"combine: {adapter!r} is a DoRA adapter (lora(dora=true)), whose weight change is not "
                              "B A alone; only plain LoRA adapters combine")
+        if g.adapters[adapter].config.get("bias"):
+            raise GraftError(f"combine: {adapter!r} has a bias on B (lora(bias=true)), which a combined B A "
+                             "cannot hold; only plain LoRA adapters combine")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             raise GraftError(f"combine: the weight of {adapter!r} must be a finite number, got {weight!r}")
     if name in g.adapters or name == "__base__":

@@ -93,6 +93,9 @@ def _check_names(g: "GraftedModule", inputs: dict[str, Any], adapter_names: Sequ
         if record.config.get("dora"):
             raise GraftError(f"adapter_names: {name!r} is a DoRA adapter (lora(dora=true)); mixed batches support "
                              "plain LoRA adapters only — run it as a whole batch with g.set_active(...)")
+        if record.config.get("bias"):
+            raise GraftError(f"adapter_names: {name!r} has a bias on B (lora(bias=true)); mixed batches support "
+                             "plain LoRA adapters only — run it as a whole batch with g.set_active(...)")
         modules = (record.extras.get("peft") or {}).get("modules")
         if modules and modules in adapters:
             raise GraftError(f"adapter_names: {name!r} comes with replaced module weights ({modules!r}, PEFT's "

@@ -24,7 +24,7 @@ activates both); ``save_peft(g, dir, "<adapter>")`` writes both.
 ``save_peft(g, dir, adapter)`` writes one adapter so that ``peft.PeftModel.from_pretrained(model, dir)``
 loads it. Both are exact: outputs match PEFT's to float rounding. Refused with "not supported: X" (never
 loaded as a different model): unknown PEFT types, the options a pass's ``peft_check`` refuses (LoRA:
-``lora_bias``, PiSSA-like inits, ...) and pickled ``adapter_model.bin`` files. A load validates every key
+``kasa_config``, PiSSA-like inits, ...) and pickled ``adapter_model.bin`` files. A load validates every key
 and shape before it changes anything; a failed load leaves the model and the grafted module as they were.
 """
 from __future__ import annotations
@@ -75,7 +75,11 @@ PASS_TYPES = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt", "
 #: graftlib method -> its pass module with peft_export (for save_peft)
 PASS_METHODS = {"lora": "lora", "adalora": "adalora", "prompt": "prompt", "ptuning": "ptuning", "prefix": "prefix",
                 "ptuning_v2": "prefix", "loha": "loha", "lokr": "lokr", "oft": "oft",
-                "ia3": "ia3", "vera": "vera"}
+                "ia3": "ia3", "vera": "vera", "lora_param": "lora_param",
+                "tokens": "tokens"}
+
+#: a companion graft's kind (extras["peft"]["companion"]) -> the pass module that writes it with its adapter
+COMPANION_HOOKS = {"tokens": "tokens"}
 
 # LoRA options: handled here, or metadata that does not change the model
 # initialisations that only set A and B (which the checkpoint overwrites); the others rewrite W
@@ -239,8 +243,8 @@ class _Plan:
                 self.tensors[f"{adapter}/{holders[0].site_key}/{pname}"] = tensor
 
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-                       r"|lora_magnitude_vector)")
+_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A"
+                       r"|lora_embedding_B|lora_magnitude_vector)")
 
 
 def _strip_prefix(key: str) -> str | None:
@@ -355,7 +359,14 @@ def _plan(grafted: "GraftedModule", config: dict[str, Any], state: dict[str, tor
     spec, names = _with_name(spec, adapter)
     if len(names) != 1:
         raise GraftError(f"peft_import for {peft_type} returned {len(names)} grafts; expected one")
-    plan.add(names[0], spec, tensors, {"peft": {"config": config, **(more[0] if more else {})}})
+    extras = dict(more[0]) if more else {}
+    companions = extras.pop("companions", [])
+    plan.add(names[0], spec, tensors, {"peft": {"config": config, **extras}})
+    for suffix, companion_spec, companion_tensors, kind in companions:  # e.g. trainable tokens beside a LoRA
+        name = _companion_name(grafted, names[0] + suffix, source)
+        plan.add(name, _with_name(companion_spec, name)[0], companion_tensors,
+                 {"peft": {"of": names[0], "companion": kind}})
+        plan.extras[names[0]]["peft"].setdefault("companions", []).append(name)
     owners, replaced = _modules_plan(grafted, config, modules, kinds, source)
     if replaced:
         name = plan.adapters[0] + MODULES_SUFFIX
@@ -366,6 +377,14 @@ def _plan(grafted: "GraftedModule", config: dict[str, Any], state: dict[str, tor
                  {"peft": {"of": plan.adapters[0], "modules_to_save": owners}})
         plan.extras[plan.adapters[0]]["peft"]["modules"] = name
     return plan
+
+
+def _companion_name(grafted: "GraftedModule", name: str, source: str) -> str:
+    check_adapter_name(name, LoadError)
+    if name in grafted.adapters:
+        raise LoadError(f"{source}: adapter {name!r} already exists: load with another adapter_name, or "
+                        f"delete_adapter({name!r}) first")
+    return name
 
 
 def from_peft(model: nn.Module, peft_dir: str | os.PathLike, adapter_name: str = "default",
@@ -436,6 +455,7 @@ def _pick_adapter(grafted: "GraftedModule", adapter: str | None) -> "GraftRecord
         grafted._check_names([adapter])
         return grafted.adapters[adapter]
     owned = {(r.extras.get("peft") or {}).get("modules") for r in grafted.records}
+    owned |= {c for r in grafted.records for c in (r.extras.get("peft") or {}).get("companions", [])}
     main = [r for r in grafted.records if r.adapter not in owned]
     if len(main) != 1:
         names = ", ".join(r.adapter for r in main) or "(none)"
@@ -451,8 +471,10 @@ def _modules_record(grafted: "GraftedModule", record: "GraftRecord") -> "GraftRe
 
 
 def _export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    owner = (record.extras.get("peft") or {}).get("of")
+    if owner is not None and record.method != "replace":
+        raise GraftError(f"adapter {record.adapter!r} is saved with its adapter: save_peft(dir, adapter={owner!r})")
     if record.method == "replace":
-        owner = (record.extras.get("peft") or {}).get("of")
         hint = f"save_peft(dir, adapter={owner!r}) writes it with its LoRA" if owner else \
             "PEFT stores replaced modules only alongside an adapter (modules_to_save)"
         raise GraftError(f"adapter {record.adapter!r} replaces module weights; {hint}")
@@ -462,6 +484,13 @@ def _export(grafted: "GraftedModule", record: "GraftRecord") -> tuple[dict[str, 
     else:
         raise GraftError(f"not supported: saving a {record.method} adapter in PEFT's format "
                          "(use g.save(dir) for graftlib's own format)")
+    for name in (record.extras.get("peft") or {}).get("companions", []):
+        if name in grafted.adapters:  # deleted: written without it
+            companion = grafted.adapters[name]
+            kind = (companion.extras.get("peft") or {}).get("companion")
+            hook = _pass_module(COMPANION_HOOKS, kind if kind in COMPANION_HOOKS else "tokens",
+                                "peft_export_companion", "saving in PEFT format the companion")
+            config, state = hook(grafted, companion, config, state)
     modules = _modules_record(grafted, record)
     if modules is not None:
         config, state = _export_modules(grafted, modules, config, state)

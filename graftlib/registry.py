@@ -162,7 +162,7 @@ class Method:
 
 _METHODS: dict[str, Method] = {}
 _PASS_MODULES = ("lora", "adalora", "adapter", "fusion", "prompt", "ptuning", "prefix", "replace", "quantize",
-                 "loha", "lokr", "oft", "ia3", "vera")
+                 "loha", "lokr", "oft", "ia3", "vera", "lora_param", "tokens")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -3,7 +3,10 @@
 The insertion point is found structurally, never by architecture: from a sublayer's output projection
 (role ``o`` for ``attn``, ``down`` for ``ffn``; GPT-2's Conv1D ``c_proj`` included) the pass walks
 forward through view / dropout / dtype ops to the residual ``aten.add.Tensor`` that adds the sublayer
-output to the block's input, then looks at the add's neighbourhood:
+output to the block's input, and through a norm or a scale by parameters where one sits before that
+add (Gemma2's post-feed-forward RMSNorm, a layer scale, Granite's residual multiplier: ``f`` is then
+the value entering the add; a gate computed from the input is not a scale), then looks at the add's
+neighbourhood:
 
     post-LN (BERT family, BART):  a = f + x ;  y = LN(a)   the add's only reader is a norm, and the
                                                            sublayer read x itself
@@ -152,6 +155,9 @@ def locate_block(anchor: fx.Node) -> Block:
     walked = [_op_name(anchor)]
     for _ in range(_MAX_STEPS):
         users = _plain_users(node)
+        if len(users) > 1 and (found := _past_norm_or_scale(node, anchor)) is not None:
+            f, add, x = found  # the branches are a norm's (RMSNorm reads its input twice)
+            return Block(anchor, f, x, add, _post_norm(add, x))
         if len(users) != 1:
             listed = ", ".join(_op_name(u) for u in users) or "nothing"
             raise BlockError(walked + [f"({len(users)} readers: {listed})"],
@@ -163,9 +169,62 @@ def locate_block(anchor: fx.Node) -> Block:
             if x is not None:
                 return Block(anchor, node, x, user, _post_norm(user, x))
         elif user.target not in SHAPE_OPS and user.target not in _DROPOUTS:
+            found = _past_norm_or_scale(node, anchor)
+            if found is not None:
+                f, add, x = found
+                return Block(anchor, f, x, add, _post_norm(add, x))
             break
         node = join_chain_end(user)
     raise BlockError(walked, "no residual add (x + f) where the projection's output enters the block")
+
+
+_REGION_OPS = _NORMS | _DROPOUTS | SHAPE_OPS | {
+    aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.rsqrt.default, aten.sqrt.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
+    aten.type_as.default}
+_REGION_NODES = 48
+
+
+def _parameter_only(node: Any, memo: dict[fx.Node, bool]) -> bool:
+    """True for constants and values computed from get_attr nodes alone (``1 + norm.weight``)."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node not in memo:
+        memo[node] = node.op == "get_attr" or (
+            node.op == "call_function" and all(_parameter_only(i, memo) for i in node.all_input_nodes))
+    return memo[node]
+
+
+def _past_norm_or_scale(start: fx.Node, anchor: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(f, add, x)`` when the sublayer output reaches its residual add through a norm (Gemma2's
+    post-feed-forward RMSNorm) or a scale by parameters (a layer scale, a residual multiplier): the
+    nodes computed from `start` are only norm / scale / shape ops, multiplied by themselves or by
+    parameter-only values, until an add whose other operand is not from `start` (the residual ``x``).
+    ``f`` is the value entering that add, and keeps the projection's width; None otherwise."""
+    region, memo = {start}, {}
+    node = start.next
+    for _ in range(_REGION_NODES):
+        if node.op == "output":
+            return None
+        inside = [i for i in node.all_input_nodes if i in region]
+        if inside and not _is_graft(node) and node.target not in _IGNORED:
+            if node.target not in _REGION_OPS:
+                return None
+            outside = [a for a in node.args if a not in region]
+            if node.target == aten.add.Tensor and len(inside) == 1 and len(outside) == 1 \
+                    and not _parameter_only(outside[0], memo):
+                f, x = inside[0], outside[0]
+                vals = [n.meta.get("val") for n in (anchor, f, x)]
+                if not all(isinstance(v, torch.Tensor) for v in vals):
+                    return None
+                width, f_val, x_val = vals
+                same = f_val.shape[-1] == width.shape[-1] and f_val.dim() == x_val.dim()
+                return (f, node, x) if same else None
+            if node.target in (aten.mul.Tensor, aten.div.Tensor) and not all(_parameter_only(a, memo) for a in outside):
+                return None  # a gate computed from the input (a gated shared expert), not a scale
+            region.add(node)
+        node = node.next
+    return None
 
 
 def _post_norm(add: fx.Node, x: fx.Node) -> fx.Node | None:

@@ -13,6 +13,10 @@ factorisation per group (A: ``groups`` blocks of r channels, B: grouped 1x1).
 
 DoRA (``dora=true``): the branch is renormalised to a learned magnitude, see passes/dora.py.
 
+``bias=true`` (PEFT's ``lora_bias``): B gets a learned bias ``c`` (zero at init), scaled with the branch:
+
+    linear(x, W, b)  ->  linear(x, W, b) + s * linear(linear(x, A), B, c)     merge: W += s B A, b += s c
+
 Merge: ``W += s * B @ A`` (Conv1D stores W as (in, out): ``W += (s * B @ A)^T``; conv:
 ``einsum('or,rikl->oikl')`` per group; embedding: ``E += (s * B @ A)^T``).
 
@@ -94,6 +98,7 @@ class LoRA(Method):
         "dropout": Option(0.0, (float,), in_range(0.0, 1.0), help="dropout on the branch input"),
         "rslora": Option(False, (bool,), help="scale alpha/sqrt(r) instead of alpha/r"),
         "dora": Option(False, (bool,), help="DoRA: learned magnitude over the renormalised weight (passes/dora.py)"),
+        "bias": Option(False, (bool,), help="a learned bias on B, scaled with the branch (PEFT's lora_bias)"),
     }
 
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
@@ -104,6 +109,10 @@ class LoRA(Method):
             what = "a slice of a fused projection" if site.part else "a grouped convolution"
             raise call.error(f"cannot graft lora(dora=true) on {site.key}, {what}: DoRA normalises whole "
                              "weight rows (PEFT has no DoRA there either); target the whole module or drop dora")
+        if config.get("bias") and (site.kind == "embedding" or config.get("dora")):
+            what = "an embedding" if site.kind == "embedding" else "a DoRA adapter"
+            raise call.error(f"cannot graft lora(bias=true) on {site.key}: not supported on {what} (PEFT's "
+                             "lora_bias has neither); drop bias=true")
 
     def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
         anchor, r = editor.anchor, config["r"]
@@ -128,7 +137,8 @@ class LoRA(Method):
                               conv["dilation"], groups)
             if config.get("dora"):
                 return dora_rewrite(editor, site, config, scale, a, b, x, low)
-            delta = editor.call(aten.conv2d.default, low, b, None, [1, 1], [0, 0], [1, 1], groups)
+            delta = editor.call(aten.conv2d.default, low, b, self._bias(editor, site, config), [1, 1], [0, 0],
+                                [1, 1], groups)
         else:
             x = self._branch_input(anchor, site)
             x = self._dropout(editor, x, config)
@@ -140,7 +150,7 @@ class LoRA(Method):
                     raise GraftError(f"lora(dora=true) on {site.key}: a strided part of a fused projection "
                                      "is not supported with DoRA yet; target the whole projection")
                 return dora_rewrite(editor, site, config, scale, a, b, x, low)
-            delta = editor.call(aten.linear.default, low, b)
+            delta = editor.call(aten.linear.default, low, b, self._bias(editor, site, config))
             if site.columns is not None:
                 delta = scatter_columns(editor, delta, site)
         base = editor.value_at(anchor, same_shape=True)  # before a prompt's prepend
@@ -172,6 +182,12 @@ class LoRA(Method):
         return x
 
     @staticmethod
+    def _bias(editor: Editor, site: Site, config: dict[str, Any]) -> Any:
+        """B's bias (out,), zero at init, or None without ``bias=true``."""
+        if not config.get("bias"):
+            return None
+        return editor.param("lora_B_bias", lambda: torch.zeros(site.out_features))
+
     @staticmethod
     def _dropout(editor: Editor, x: Any, config: dict[str, Any]) -> Any:
         if config["dropout"] > 0:
@@ -181,11 +197,22 @@ class LoRA(Method):
     def merge_deltas(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any],
                      weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         if not config.get("dora"):
-            return self.delta(site, params, config), None
+            return self.delta(site, params, config), self._bias_delta(site, params, config, bias)
         names = ("lora_embedding_A", "lora_embedding_B") if site.kind == "embedding" else ("lora_A", "lora_B")
         a, b = (params[n].detach() for n in names)
         m = params["lora_magnitude_vector"].detach()
         return dora_merged_weight(site, weight, a, b, m, lora_scale(config)) - weight, None
+
+    @staticmethod
+    def _bias_delta(site: Site, params: dict[str, torch.Tensor], config: dict[str, Any],
+                    bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``s * c`` for ``bias=true`` (folded into the op's bias), else None."""
+        if not config.get("bias"):
+            return None
+        if bias is None:
+            raise GraftError(f"cannot merge lora(bias=true) into {site.key}: its op has no bias to fold B's bias "
+                             "into (PEFT refuses lora_bias there too); keep the adapter unmerged")
+        return lora_scale(config) * params["lora_B_bias"].detach()
 
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
         if config.get("dora"):

@@ -79,7 +79,7 @@ SEMANTIC_ERRORS = [
     ("lora(q,vv)", 7, "target 'vv' matches no alias or module"),
     ("lora(querry)", 5, "did you mean 'query'? all "),
     ("lora(q, rank=4)", 8, "lora has no option 'rank'; did you mean 'r'? "
-                           "all 7 options of lora: alpha, dora, dropout, layers, name, r, rslora"),
+                           "all 8 options of lora: alpha, bias, dora, dropout, layers, name, r, rslora"),
     ("lora(q, r=0)", 8, "r=0 must be > 0"),
     ("lora(q, r=-2)", 8, "r=-2 must be > 0"),
     ("lora(q, alpha=0)", 8, "alpha=0.0 must be > 0"),

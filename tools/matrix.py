@@ -41,15 +41,12 @@ NO_TOKENS = {"vision", "audio"}
 NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
-_NORM_BETWEEN = "a {} sits between the FFN output and the residual add; adapters stop there"
 _EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
 _POSITIONS = "position ids derived from input_ids keep the unprompted length"
 _MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("convnext", "adapter"): _NORM_BETWEEN.format("layer_scale multiply"),
-    ("dinov2", "adapter"): _NORM_BETWEEN.format("layer scale"),
-    ("gemma2", "adapter"): _NORM_BETWEEN.format("post-feed-forward RMSNorm"),
-    ("granite", "adapter"): _NORM_BETWEEN.format("residual multiplier"),
+    ("convnext", "adapter"): ("a layer_scale multiply sits between the FFN output and the residual add, and the value "
+                              "entering the add is channels-first (permuted back), not the projection's width"),
     ("falcon", "adapter"): "parallel attention + MLP block: the MLP output is added to the attention output first",
     ("qwen2-moe", "adapter"): "the shared expert is gated (sigmoid) before the residual add",
     ("mixtral", "adapter"): _MOE,
