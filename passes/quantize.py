@@ -78,28 +78,62 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
 
 
-def _blockwise(flat: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax per block) of a 1-D float tensor; a last partial block is padded with zeros,
-    which leaves its absmax (and every other code) as bitsandbytes computes them."""
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % block)])
-    blocks = flat.reshape(-1, block)
-    absmax = blocks.abs().max(dim=-1)[0]
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    return _nearest(scaled, code), absmax
+LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' CPU 8-bit blockwise quantiser
+
+
+def _dynamic_lut(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``build_quantize_lut`` (csrc/cpu_ops.cpp, 0.50): bin ``i`` of [-1, 1] holds the
+    index of the first level whose midpoint with the next is not below ``-1 + 2 i / 65535``."""
+    midpoints = 0.5 * (code[:-1] + code[1:])                                    # (255,) fp32
+    bins = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, bins, side="left").to(torch.uint8)    # (65536,)
+
+
+DYNAMIC_LUT = _dynamic_lut(DYNAMIC_CODE)
+
+
+def _blockwise_dynamic(flat: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax per block) of a 1-D fp32 tensor exactly as bitsandbytes' CPU
+    ``quantize_blockwise`` computes them: ``x * (1 / absmax)`` clamped to [-1, 1], put in one of
+    65,536 bins (``uint16((v + 1) * 0.5 * 65535 + 0.5)``), and the bin's code read from the table;
+    a block of zeros gets code 0. The table is not always the nearest level (up to one level off)."""
+    numel = flat.numel()
+    blocks = torch.cat([flat, flat.new_zeros(-numel % block)]).reshape(-1, block)  # (blocks, block)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax).view(-1, 1), -1, 1)
+    bins = ((scaled + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5).to(torch.int64)       # truncation, as the C cast
+    lut = DYNAMIC_LUT if code is DYNAMIC_CODE else _dynamic_lut(code)
+    codes = lut[bins.clamp(0, LUT_SIZE - 1)]
+    codes = torch.where(absmax.view(-1, 1) == 0, torch.zeros_like(codes), codes)
+    return codes.reshape(-1)[:numel], absmax
+
+
+def _nf4_blocks(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of NF4 as bitsandbytes' ``quantize_4bit`` (its torch kernel, the one CPU runs):
+    full blocks scale by ``x * (1 / absmax)``, a last partial block by ``x / absmax`` with its absmax
+    clamped to 1e-38; an odd count gets one zero code appended."""
+    numel = flat.numel()
+    full = numel - numel % BLOCK
+    head = flat[:full].reshape(-1, BLOCK)                                        # (blocks, 64)
+    absmax = head.abs().amax(dim=-1)
+    scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < numel:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    scaled = torch.cat([scaled, scaled.new_zeros(numel % 2)])
+    return _nearest(scaled, NF4_CODE), absmax
 
 
 def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """NF4 with double-quantised absmax; the tensors bitsandbytes' ``quantize_4bit(compress_statistics=True)``
-    produces: ``packed`` (n/2,) uint8, ``qabsmax`` (blocks,) uint8, ``absmax2`` (ceil(blocks/256),),
-    ``offset`` () — the last absmax block padded, which leaves the first `blocks` values unchanged."""
-    flat = weight.detach().reshape(-1).float()
-    codes, absmax = _blockwise(flat, BLOCK, NF4_CODE)
-    codes = codes[: flat.numel() + flat.numel() % 2]  # (n rounded up to even,)
-    packed = (codes[::2] << 4) | codes[1::2]
+    """NF4 with double-quantised absmax; bit for bit the tensors bitsandbytes 0.50's CPU
+    ``quantize_4bit(blocksize=64, quant_type="nf4", compress_statistics=True)`` produces: ``packed``
+    (n/2,) uint8, ``qabsmax`` (blocks,) uint8, ``absmax2`` (ceil(blocks/256),), ``offset`` ()."""
+    codes, absmax = _nf4_blocks(weight.detach().reshape(-1).float())
+    packed = (codes[::2] << 4) | codes[1::2]                                     # (ceil(n/2),)
     offset = absmax.mean()
-    centred = absmax - offset
-    qabsmax, absmax2 = _blockwise(centred, ABSMAX_BLOCK, DYNAMIC_CODE)
-    return {"packed": packed, "qabsmax": qabsmax[: centred.numel()].clone(), "absmax2": absmax2, "offset": offset}
+    qabsmax, absmax2 = _blockwise_dynamic(absmax - offset, ABSMAX_BLOCK, DYNAMIC_CODE)
+    return {"packed": packed, "qabsmax": qabsmax, "absmax2": absmax2, "offset": offset}
 
 
 def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

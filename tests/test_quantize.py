@@ -16,7 +16,7 @@ import torch
 import graftlib
 from graftlib.errors import GraftError, GraftSpecError
 from graftlib.passes.lora import lora_scale
-from graftlib.passes.quantize import (BLOCK, NF4_CODE, dequantize_nf4, dequantize_weight, is_released,
+from graftlib.passes.quantize import (BLOCK, DYNAMIC_CODE, NF4_CODE, dequantize_nf4, dequantize_weight, is_released,
                                       quantize_nf4, quantize_weight)
 from models import build, example_inputs, run_with_site_deltas
 
@@ -86,23 +86,30 @@ def test_lora_on_quantised_weights_matches_hooks_and_trains_only_lora(arch, bits
     assert not any(b.requires_grad for b in g.store["quantize"].buffers())
 
 
-def test_nf4_state_matches_bitsandbytes():
+NF4_SHAPES = [  # 300 x 64: a partial 256-group of absmaxes; 3 x 33: a partial 64-block and an odd count;
+    (64, 128), (300, 64), (128, 256), (3, 33), (7, 1), (1, 64 * 257 + 3), (5632, 2048),  # TinyLlama's mlp
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_state_and_dequantisation_equal_bitsandbytes(dtype):
+    """Every stored tensor (4-bit codes, 8-bit absmax codes, second-level scales, offset) and the
+    dequantised weight equal bitsandbytes 0.50's CPU quantize_4bit / dequantize_4bit, bit for bit."""
     F = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(F.create_dynamic_map().float(), DYNAMIC_CODE)
     torch.manual_seed(0)
-    for shape in [(64, 128), (300, 64), (128, 256), (3, 33)]:  # 300 blocks: a partial 256-group; 99: partial 64
-        weight = torch.randn(shape) * 0.05
+    for shape in NF4_SHAPES if dtype == torch.float32 else NF4_SHAPES[:4]:
+        weight = (torch.randn(shape) * 0.05).to(dtype)
+        weight.view(-1)[:BLOCK] = 0  # a block of zeros
         packed, state = F.quantize_4bit(weight, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
         mine = quantize_nf4(weight)
         assert torch.equal(packed.reshape(-1), mine["packed"])          # every 4-bit code
+        assert torch.equal(state.absmax, mine["qabsmax"])               # every 8-bit absmax code
         assert torch.equal(state.state2.absmax, mine["absmax2"])
         assert torch.equal(state.offset, mine["offset"])
-        # bitsandbytes' CPU kernel rounds the 8-bit absmax codes through a 65,536-entry table, which
-        # is not always the nearest level; graftlib takes the nearest (bitsandbytes' torch backend):
-        # at most one level apart
-        assert (state.absmax.int() - mine["qabsmax"].int()).abs().max() <= 1
-        theirs = {"packed": packed.reshape(-1), "qabsmax": state.absmax, "absmax2": state.state2.absmax,
-                  "offset": state.offset}
-        assert torch.equal(F.dequantize_4bit(packed, state), dequantize_nf4(theirs, shape))
+        theirs = F.dequantize_4bit(packed, state)
+        assert theirs.dtype == dtype
+        assert torch.equal(theirs, dequantize_nf4(mine, shape).to(dtype))  # the graph's cast, the same
 
 
 def test_nf4_error_is_bounded_by_the_code_spacing():
