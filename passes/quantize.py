@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from graftlib.bnb import PREQUANTISED
 from graftlib.editor import Editor, graft_tag
+from graftlib.errors import GraftError
 from graftlib.registry import Method, Option, register
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
@@ -209,7 +211,13 @@ class Quantize(Method):
         state: dict[str, torch.Tensor] = {}
         names = ("packed", "qabsmax", "absmax2", "offset") if config["bits"] == 4 else ("q", "scale")
 
+        prequantised = getattr(weight, PREQUANTISED, None)  # a bitsandbytes layer's own NF4 tensors
+        if prequantised is not None and config["bits"] != 4:
+            raise GraftError(f"{site.key} holds bitsandbytes NF4 weights: quantize it with bits=4")
+
         def make(name: str):
+            if prequantised is not None:
+                return lambda: prequantised[name]
             return lambda: state.setdefault("all", quantize_weight(weight, config["bits"]))[name]
 
         with editor.before(anchor):
