@@ -164,7 +164,10 @@ class Grafted(nn.Module):
                           "call g.train() / g.eval() / g.set_active(...) before compiling")
             graph = specialise(self.graph, self._active, self.training)
             named = build_module(self.graph_module, graph, self.training)
-            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat_module(named), self.training))
+            flat = flat_module(named)
+            if self.training:  # e.g. quantize: dequantised weights recomputed in backward, not kept
+                self._delegate("training_runtime", flat)
+            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat, self.training))
         return pair
 
     def _invalidate(self) -> None:

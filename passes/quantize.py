@@ -38,10 +38,11 @@ from graftlib.bnb import PREQUANTISED
 from graftlib.editor import Editor, graft_tag
 from graftlib.errors import GraftError
 from graftlib.registry import Method, Option, register
+from graftlib.runtime import eliminate_dead_code
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
 
-__all__ = ["Quantize", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "quantize_int8",
+__all__ = ["Quantize", "dequant_linear", "recompute_in_backward", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "quantize_int8",
            "dequantize_int8", "quantize_weight", "dequantize_weight", "is_released", "skeleton"]
 
 aten = torch.ops.aten
@@ -225,7 +226,8 @@ class Quantize(Method):
             dequant = self._dequant_nodes(editor, params, shape, config["bits"])
             if dtype != torch.float32:
                 dequant = editor.call(aten._to_copy.default, dequant, dtype=dtype)
-        graft_tag(dequant).update(role="weight", weight=weight_node.target, shape=list(shape))
+        graft_tag(dequant).update(role="weight", weight=weight_node.target, shape=list(shape), bits=config["bits"],
+                                  dtype=str(dtype).removeprefix("torch."), state=list(names))
         anchor.replace_input_with(weight_node, dequant)
         if not weight_node.users:
             editor.graph.erase_node(weight_node)
@@ -285,6 +287,12 @@ class Quantize(Method):
         if model is not None and any(not is_released(weight_value(model, t)) for t in released):
             object.__setattr__(grafted, "_model", skeleton(model, released))
 
+    def training_runtime(self, grafted: Any, record: Any, flat: fx.GraphModule) -> None:
+        """The graph training runs: each linear over a dequantised weight becomes one
+        :func:`dequant_linear` call, which keeps the packed tensors, not the weight, for backward."""
+        if recompute_in_backward(flat.graph, record.adapter):
+            flat.recompile()
+
     def quantized_state(self, weight: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
         return quantize_weight(weight, config["bits"])
 
@@ -315,3 +323,102 @@ def skeleton(model: nn.Module, targets: set[str]) -> nn.Module:
         memo[id(buffer)] = buffer
     return copy.deepcopy(model, memo)
 
+
+
+# -- training: the dequantised weight is recomputed in backward, not kept ---------------------------
+class _DequantLinear(torch.autograd.Function):
+    """``linear(x, dequant(state), bias)`` (``kind="linear"``) or ``addmm(bias, x, dequant(state))``
+    (``"addmm"``, Conv1D): saves the packed state (buffers: no copy) and recomputes the weight in
+    backward, so a training step holds one dequantised weight at a time instead of all of them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, kind: str, shape: tuple[int, ...],
+                bits: int, dtype: torch.dtype, names: tuple[str, ...], *state: torch.Tensor) -> torch.Tensor:
+        weight = _restore(state, names, shape, bits, dtype)
+        ctx.save_for_backward(*state)
+        ctx.recipe = (kind, shape, bits, dtype, names, x.dtype, bias is not None)
+        if kind == "linear":
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.addmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        kind, shape, bits, dtype, names, x_dtype, has_bias = ctx.recipe
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _restore(ctx.saved_tensors, names, shape, bits, dtype).to(grad.dtype)
+            grad_x = (grad @ weight if kind == "linear" else grad @ weight.T).to(x_dtype)  # (..., in)
+        if has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (grad_x, grad_bias) + (None,) * (5 + len(names))
+
+
+def _restore(state: tuple[torch.Tensor, ...], names: tuple[str, ...], shape: tuple[int, ...], bits: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    weight = dequantize_weight(dict(zip(names, state)), shape, bits)  # the graph's ops, the same values
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def dequant_linear(x: torch.Tensor, bias: torch.Tensor | None, kind: str, shape: list[int], bits: int,
+                   dtype: torch.dtype, names: list[str], *state: torch.Tensor) -> torch.Tensor:
+    """The call training graphs make (see :class:`_DequantLinear`)."""
+    return _DequantLinear.apply(x, bias, kind, tuple(shape), bits, dtype, tuple(names), *state)
+
+
+def _state_nodes(dequant: fx.Node, names: list[str]) -> list[fx.Node] | None:
+    """The get_attr nodes of the packed tensors the dequantise subgraph reads, in `names` order."""
+    found: dict[str, fx.Node] = {}
+    todo, seen = [dequant], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        tag = graft_tag(node) or {}
+        if node.op == "get_attr" and tag.get("role") == "param":
+            found[tag.get("param")] = node
+        todo.extend(node.all_input_nodes)
+    return [found[n] for n in names] if all(n in found for n in names) else None
+
+
+def _linear_args(user: fx.Node, dequant: fx.Node) -> tuple[str, Any, Any] | None:
+    """(kind, x, bias) when `user` is a plain linear / addmm reading `dequant` as its weight."""
+    if user.kwargs:
+        return None
+    if user.target == aten.linear.default and len(user.args) in (2, 3) and user.args[1] is dequant \
+            and user.args[0] is not dequant:
+        return "linear", user.args[0], user.args[2] if len(user.args) == 3 else None
+    if user.target == aten.addmm.default and len(user.args) == 3 and user.args[2] is dequant \
+            and dequant not in user.args[:2]:
+        return "addmm", user.args[1], user.args[0]
+    return None
+
+
+def recompute_in_backward(graph: fx.Graph, adapter: str) -> bool:
+    """Rewrite `adapter`'s dequantised-weight linears into :func:`dequant_linear` calls (training
+    graphs only: the exported and evaluated graphs keep the plain aten subgraph). True if changed."""
+    changed = False
+    for dequant in list(graph.nodes):
+        tag = graft_tag(dequant) or {}
+        if tag.get("pass") != "quantize" or tag.get("role") != "weight" or tag.get("adapter") != adapter \
+                or "state" not in tag:
+            continue
+        state = _state_nodes(dequant, tag["state"])
+        if state is None:
+            continue
+        dtype = getattr(torch, tag["dtype"])
+        for user in list(dequant.users):
+            parsed = _linear_args(user, dequant)
+            if parsed is None:
+                continue  # another reader (DoRA's norm, a tied weight) keeps the plain subgraph
+            kind, x, bias = parsed
+            with graph.inserting_before(user):
+                call = graph.call_function(dequant_linear, (x, bias, kind, list(tag["shape"]), tag["bits"], dtype,
+                                                            list(tag["state"]), *state))
+            call.meta.update(user.meta)
+            user.replace_all_uses_with(call)
+            graph.erase_node(user)
+            changed = True
+    if changed:
+        eliminate_dead_code(graph)
+    return changed

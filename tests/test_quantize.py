@@ -228,3 +228,44 @@ def test_quantisation_cannot_be_deleted():
     _, _, g = _graft("llama", 8, lora="")
     with pytest.raises(GraftError, match="base model"):
         g.delete_adapter("quantize")
+
+
+def _train_step(g, inputs, autocast: bool = False):
+    """(output, LoRA gradients, saved-for-backward (shape, dtype)s) of one step, dropout seeded."""
+    g(**inputs)  # builds the training graph outside the hooks
+    saved = []
+    for param in g.trainable_parameters().values():
+        param.grad = None
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _first(g(**inputs))
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in g.trainable_parameters().items()}, saved
+
+
+@pytest.mark.parametrize("arch,bits,checkpointing,autocast", [
+    ("llama", 4, False, False), ("gpt2", 8, False, False), ("llama", 4, True, True),
+], ids=["llama-nf4", "gpt2-int8", "llama-nf4-checkpointed-bf16"])
+def test_training_recomputes_dequantised_weights_in_backward(arch, bits, checkpointing, autocast, monkeypatch):
+    """Training keeps the packed tensors, not the dequantised weights, for backward; outputs and LoRA
+    gradients equal the plain aten graph's (the one export and eval run) bit for bit."""
+    import graftlib.passes.quantize as quantize
+
+    model, inputs, g = _graft(arch, bits)
+    g.train()
+    if checkpointing:
+        g.gradient_checkpointing_enable()
+    torch.manual_seed(3)
+    for param in g.trainable_parameters().values():
+        param.data.normal_(0, 0.2)
+    shapes = {tuple(int(d) for d in g.graph_module.get_submodule(p).weight.shape) for p in g.adapters["quantize"].sites}
+    out, grads, saved = _train_step(g, inputs, autocast)
+    assert not [s for s in saved if s[0] in shapes and s[1].is_floating_point], "a dequantised weight was saved"
+    monkeypatch.setattr(quantize, "recompute_in_backward", lambda graph, adapter: False)
+    g._invalidate()
+    plain_out, plain_grads, plain_saved = _train_step(g, inputs, autocast)
+    if not checkpointing:  # (checkpointed blocks keep neither)
+        assert [s for s in plain_saved if s[0] in shapes and s[1].is_floating_point], "the reference keeps them"
+    assert torch.equal(out, plain_out)
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
