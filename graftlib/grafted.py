@@ -40,6 +40,7 @@ import graftlib.bnb as bnb
 import graftlib.checkpoint as checkpoint  # module imports: `from . import` would read as importing the package
 import graftlib.hf as hf
 import graftlib.retarget as retarget
+import graftlib.folding as folding
 from .inputs import conform_inputs, input_defaults
 from .trace import Traced, trace
 from .unpadded import UNPADDED, assume_unpadded, is_unpadded_call, masked_attention_count
@@ -94,6 +95,7 @@ class Grafted(nn.Module):
     def __init__(self, traced: Traced, model: nn.Module | None = None):
         super().__init__()
         gm = traced.graph_module
+        self._eager_grad = folding.eager_grad_targets(gm)  # before freezing: eager's matmuls fold on these
         _share_parameters(gm)
         if retarget.strip_metadata_asserts(gm.graph):  # dtype / device checks only; autocast trips them
             gm.recompile()
@@ -162,7 +164,7 @@ class Grafted(nn.Module):
         if pair is None:
             require_eager("the runtime graph for this mode and these active adapters",
                           "call g.train() / g.eval() / g.set_active(...) before compiling")
-            graph = specialise(self.graph, self._active, self.training)
+            graph = specialise(self.graph, self._active, self.training, self._eager_grad)
             named = build_module(self.graph_module, graph, self.training)
             flat = flat_module(named)
             if self.training:  # e.g. quantize: dequantised weights recomputed in backward, not kept
@@ -538,6 +540,7 @@ class Grafted(nn.Module):
         object.__setattr__(new, "_model", self._model)
         new._traced = dataclasses.replace(self._traced, graph_module=gm)
         new._base_graph = self._base_graph
+        new._eager_grad = self._eager_grad
         new.records = [dataclasses.replace(r) for r in self.records]
         new._active = self._active
         new._runtimes, new._variants, new._no_gain = {}, {}, set()

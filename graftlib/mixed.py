@@ -147,7 +147,7 @@ class _Stacks(nn.Module):
 
 
 def _build(g: "GraftedModule", names: tuple[str, ...]) -> fx.GraphModule:
-    graph = specialise(g.graph, (), g.training)
+    graph = specialise(g.graph, (), g.training, g._eager_grad)
     module = fx.GraphModule(g.graph_module, graph)
     module.train(g.training)
     module.add_module("graft", g.store)

@@ -4,7 +4,7 @@ The canonical graph is traced in training mode and holds every adapter. ``specia
 - replaces the joins of inactive adapters by their base values (a disabled adapter is the base graph),
 - in eval mode removes dropout nodes, zeroes attention dropout and switches batch norm to inference
   (and stops its ``num_batches_tracked`` update),
-then drops dead nodes. Runtime graph modules share every parameter with the canonical one.
+then drops dead nodes and makes matmuls on frozen weights fold as the eager model's do (folding.py). Runtime graph modules share every parameter with the canonical one.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import fx
 
 from .cache import hoist_cached
 from .editor import graft_tag, is_join
+from .folding import fold_like_eager
 from .quiet import torch_internals
 
 __all__ = ["copy_graph", "specialise", "build_module", "flat_module", "op_histogram", "eliminate_dead_code"]
@@ -80,7 +81,10 @@ def _drop_null_dropout(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def specialise(graph: fx.Graph, active: Collection[str], training: bool) -> fx.Graph:
+def specialise(graph: fx.Graph, active: Collection[str], training: bool,
+               eager_grad: Collection[str] = ()) -> fx.Graph:
+    """`graph` for one mode and set of active adapters; `eager_grad` names the base parameters that
+    required grad in the eager model, whose matmuls fold as eager folds them (``graftlib/folding.py``)."""
     new = copy_graph(graph)
     deactivate(new, active)
     if training:
@@ -88,6 +92,7 @@ def specialise(graph: fx.Graph, active: Collection[str], training: bool) -> fx.G
     else:
         _to_eval(new)
     eliminate_dead_code(new)
+    fold_like_eager(new, eager_grad)
     if not training:
         hoist_cached(new)  # parameter-only values (DoRA's norm) computed once until a parameter changes
     new.lint()

@@ -96,9 +96,57 @@ def _assign_roles(sites: list[Site], anchors: dict[str, list[fx.Node]]) -> list[
                 owner = by_node.get(id(user))
                 if owner is not None and roles.get(owner.key) is None:
                     roles[owner.key] = "o"
+    _ffn_by_structure(sites, anchors, roles, by_node)
     fused = {s.path for s in sites if s.part}
     return [dataclasses.replace(s, role=None if (s.path in fused and not s.part) else roles[s.key])
             for s in sites]
+
+
+_ELEMENTWISE = {"gelu", "relu", "silu", "tanh", "sigmoid", "mul", "add", "pow", "div", "erf", "neg",
+                "sub", "to", "_to_copy", "view", "reshape", "clone", "contiguous", "dropout", "hardtanh",
+                "leaky_relu", "elu", "softplus", "mish", "hardswish", "hardsigmoid", "rsub"}
+_ACTIVATIONS = {"gelu", "relu", "silu", "tanh", "sigmoid", "erf", "leaky_relu", "elu", "softplus", "mish",
+                "hardswish", "hardsigmoid", "hardtanh"}
+
+
+def _op_base(node: fx.Node) -> str:
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
+
+
+def _feeding_projection(start: fx.Node, by_node: dict[int, Site], limit: int = 16) -> Site | None:
+    """The one projection whose output reaches `start` through elementwise ops including an activation."""
+    frontier, seen, found, activated = [start], set(), set(), False
+    while frontier and len(seen) < limit:
+        node = frontier.pop()
+        if not isinstance(node, fx.Node) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in by_node and node is not start:
+            found.add(by_node[id(node)].key)
+            site = by_node[id(node)]
+            continue
+        if node.op != "call_function" or _op_base(node) not in _ELEMENTWISE:
+            continue
+        activated = activated or _op_base(node) in _ACTIVATIONS
+        frontier.extend(a for a in node.args if isinstance(a, fx.Node))
+    return site if len(found) == 1 and activated else None
+
+
+def _ffn_by_structure(sites: list[Site], anchors: dict[str, list[fx.Node]], roles: dict[str, str | None],
+                      by_node: dict[int, Site]) -> None:
+    """linear -> activation -> linear with no role from names: up and down (ALBERT ffn / ffn_output,
+    ConvNeXt pwconv1 / pwconv2, hand-written ff_in / ff_out). Names stay first; this fills gaps."""
+    for site in sites:
+        if site.kind not in LINEAR_KINDS or site.part or roles.get(site.key) is not None:
+            continue
+        node = anchors[site.key][0]
+        x = node.args[1] if site.kind == "conv1d" else node.args[0]
+        up = _feeding_projection(x, by_node)
+        if up is None or up.part or up.layer != site.layer or roles.get(up.key) not in (None, "up"):
+            continue
+        if up.out_features != site.in_features:
+            continue
+        roles[site.key], roles[up.key] = "down", "up"
 
 
 @dataclass

@@ -20,19 +20,7 @@ from torch import nn
 import graftlib
 from graftlib.errors import GraftError, GraftSpecError, LoadError
 from graftlib.io import CONFIG_NAME, WEIGHTS_NAME, clean_staging
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 8)
-        self.fc2 = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-X = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+from graftlib.tools.killtest import X, Tiny  # the kill test's toy model and input: one definition
 
 
 def _apply(spec: str, model: nn.Module | None = None) -> graftlib.Grafted:

@@ -28,6 +28,7 @@ from graftlib.passes.ptuning import peft_export as ptuning_export
 from graftlib.passes.ptuning import peft_import as ptuning_import
 from graftlib.registry import get_method
 from graftlib.runtime import copy_graph, specialise
+from graftlib.tools.matrix import flat  # every tensor of a model output
 from models import VOCAB, build, example_inputs, inputs_for
 
 aten = torch.ops.aten
@@ -43,17 +44,6 @@ SPECS = {  # adapter name -> spec; all stacked on one module per architecture
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def flat(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model output, in order (ModelOutput, tuple or tensor)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for item in out for t in flat(item)] if isinstance(out, (list, tuple)) else []
-
-
 def padded_inputs(arch: str, batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
     inputs = inputs_for(arch, batch, seq, seed=seed)
     inputs["attention_mask"][-1, -2:] = 0  # the last row's final two tokens are padding

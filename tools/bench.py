@@ -317,8 +317,9 @@ def bench_onnx(m: Models, reps: int) -> list[Row]:
     return rows
 
 
-def _dora_contenders(m: Models) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    """graftlib DoRA, PEFT DoRA and graftlib LoRA on one base, q,v r=16, B random (DoRA's norm is not trivial)."""
+def _dora_contenders(m: Models) -> tuple[torch.nn.Module, ...]:
+    """graftlib DoRA, PEFT DoRA, graftlib LoRA and the bare base model (HF eager, no adapters) on one base,
+    q,v r=16, B random (DoRA's norm is not trivial)."""
     import graftlib
     from peft import LoraConfig, get_peft_model
 
@@ -329,21 +330,22 @@ def _dora_contenders(m: Models) -> tuple[torch.nn.Module, torch.nn.Module, torch
                                                                lora_dropout=0.0, use_dora=True)).eval()
     for module in (dora, lora, peft_dora):
         _randomise_lora(module)
-    return dora, peft_dora, lora
+    return dora, peft_dora, lora, base.eval()
 
 
 def bench_dora(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]:
     """DoRA unmerged: eval forward (PEFT uncached and with ENABLE_DORA_CACHING) and train step; the base
-    column holds graftlib LoRA at the same sites and rank."""
+    column holds graftlib LoRA at the same sites and rank. The floor row times the bare base model (no
+    adapters at all) against PEFT's DoRA: no DoRA, however fused, can run below it unmerged."""
     import peft.tuners.lora.dora as peft_dora_module
 
-    dora, peft_dora, lora = _dora_contenders(m)
+    dora, peft_dora, lora, bare = _dora_contenders(m)
     rows = []
     for batch, seq in shapes:
         x = _inputs(m, batch, seq)
         with torch.inference_mode():
             t = _median_interleaved({"graftlib": lambda: dora(**x), "peft": lambda: peft_dora(**x),
-                                     "base": lambda: lora(**x)}, reps)
+                                     "base": lambda: lora(**x), "bare": lambda: bare(**x)}, reps)
             peft_dora_module.ENABLE_DORA_CACHING = True
             try:
                 cached = _median_interleaved({"graftlib": lambda: dora(**x), "peft": lambda: peft_dora(**x)}, reps)
@@ -354,6 +356,9 @@ def bench_dora(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]
                         module._cache_clear()
         rows.append(Row("9 DoRA forward, unmerged", f"{m.name} {batch}x{seq}", t["graftlib"], t["peft"], t["base"],
                         note="base column = graftlib LoRA; PEFT default (no DoRA cache)"))
+        rows.append(Row("9 DoRA forward, unmerged", f"{m.name} {batch}x{seq}, floor", t["bare"], t["peft"],
+                        note="graftlib column = the base model with no adapters (HF eager): the lowest ratio any "
+                             "unmerged DoRA can reach"))
         rows.append(Row("9 DoRA forward, unmerged", f"{m.name} {batch}x{seq}, PEFT cached", cached["graftlib"],
                         cached["peft"], note="PEFT with ENABLE_DORA_CACHING = True"))
     dora.train()
