@@ -36,6 +36,7 @@ from .registry import Method, get_method
 from .runtime import build_module, copy_graph, flat_module, op_histogram, specialise
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
+import graftlib.bnb as bnb
 import graftlib.checkpoint as checkpoint  # module imports: `from . import` would read as importing the package
 import graftlib.hf as hf
 import graftlib.retarget as retarget
@@ -74,6 +75,8 @@ def _share_parameters(gm: fx.GraphModule) -> None:
         owner, _, leaf = name.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
         new = memo.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=False))
+        if hasattr(param, bnb.PREQUANTISED):  # a bitsandbytes layer's stand-in: its NF4 tensors travel
+            setattr(new, bnb.PREQUANTISED, getattr(param, bnb.PREQUANTISED))
         module._parameters[leaf] = new
     buffers: dict[int, torch.Tensor] = {}
     for name, buffer in list(gm.named_buffers(remove_duplicate=False)):
@@ -163,7 +166,10 @@ class Grafted(nn.Module):
                           "call g.train() / g.eval() / g.set_active(...) before compiling")
             graph = specialise(self.graph, self._active, self.training, self._eager_grad)
             named = build_module(self.graph_module, graph, self.training)
-            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat_module(named), self.training))
+            flat = flat_module(named)
+            if self.training:  # e.g. quantize: dequantised weights recomputed in backward, not kept
+                self._delegate("training_runtime", flat)
+            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat, self.training))
         return pair
 
     def _invalidate(self) -> None:
@@ -575,6 +581,10 @@ class Grafted(nn.Module):
         """``g.save(directory)`` under the Hugging Face name (extra keyword arguments are ignored)."""
         self.save(directory)
 
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Hugging Face's model tags (TRL's trainers add theirs); kept here, not on the user's model (hf.py)."""
+        hf.add_model_tags(self, tags)
+
     def get_extra_state(self) -> torch.Tensor:
         """The graft's config in the state dict, so a Trainer checkpoint loads with graftlib.load (hf.py)."""
         return hf.config_bytes(self)
@@ -653,6 +663,10 @@ def apply(model: nn.Module, spec: str, example_inputs: Any = None, dynamic: Any 
     if isinstance(model, Grafted):
         return model.add(spec)
     parse_spec(spec)  # fail on syntax before spending time tracing
+    loaded = bnb.from_bitsandbytes(model)  # bitsandbytes 4-bit layers: graftlib's NF4 reading their tensors
+    if loaded is not None:
+        model, paths = loaded
+        spec = bnb.with_bitsandbytes_layers(spec, paths)
     grafted = Grafted(trace(model, example_inputs, dynamic, verify=verify), model)
     return grafted.add(spec)
 

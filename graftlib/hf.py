@@ -13,6 +13,8 @@
   config (graft.json's content, as a uint8 tensor). Base weights belong to the model and are left out
   (a load reports them as neither missing nor unexpected). ``graftlib.load(model, checkpoint_dir)``
   reads such a checkpoint like a ``g.save`` directory; ``g.save_pretrained(dir)`` is ``g.save(dir)``.
+- ``config`` / ``generation_config`` (the base model's own objects) and ``add_model_tags``: what TRL's
+  ``SFTTrainer`` (trl 1.14) reads and sets besides Trainer's.
 - ``activation_checkpointing_enable(kwargs, every_n_layers, offload)`` (what transformers 5's Trainer
   calls for ``TrainingArguments(gradient_checkpointing=True)``) and the older ``gradient_checkpointing_enable``:
   per-block checkpointing (checkpoint.py); a model that had it enabled before grafting keeps it.
@@ -35,7 +37,7 @@ from .io import EXTRA_STATE, TRAINER_WEIGHTS_NAME, config_dict, decode_config
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["install", "forward_signature", "config_bytes", "check_config", "TRAINER_WEIGHTS_NAME"]
+__all__ = ["install", "add_model_tags", "forward_signature", "config_bytes", "check_config", "TRAINER_WEIGHTS_NAME"]
 
 
 def forward_signature(grafted: "GraftedModule") -> inspect.Signature | None:
@@ -69,10 +71,24 @@ def install(grafted: "GraftedModule") -> None:
     _bind_forward(grafted)
     object.__setattr__(grafted, "accepts_loss_kwargs", False)
     object.__setattr__(grafted, "_keys_to_ignore_on_save", None)
+    for name in _HF_ATTRIBUTES:  # TRL's SFTTrainer reads and sets these (pad / eos token ids), as on a PeftModel
+        if getattr(grafted._model, name, None) is not None:
+            object.__setattr__(grafted, name, getattr(grafted._model, name))
     if _model_checkpoints(grafted._model):  # enabled on the model before grafting
         grafted.__dict__["_checkpointing"] = {}
     grafted.register_state_dict_post_hook(_keep_own_state)
     grafted.register_load_state_dict_post_hook(_forgive_base_keys)
+
+
+#: the base model's Hugging Face objects a grafted module shares (the same objects, as PeftModel does)
+_HF_ATTRIBUTES = ("config", "generation_config")
+
+
+def add_model_tags(grafted: "GraftedModule", tags: Any) -> None:
+    """``model.add_model_tags`` (TRL's trainers call it): kept on the grafted module, the user's model untouched."""
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    current = grafted.__dict__.setdefault("model_tags", [])
+    current.extend(t for t in map(str, tags) if t not in current)
 
 
 def _model_checkpoints(model: nn.Module) -> bool:

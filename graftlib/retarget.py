@@ -83,6 +83,8 @@ def _map_devices(value: Any, old: torch.device, new: torch.device) -> Any:
         return new
     if isinstance(value, (list, tuple)):
         return type(value)(_map_devices(v, old, new) for v in value)
+    if isinstance(value, Mapping):  # node.kwargs: arange(..., device=cpu), to(x, dtype, device=cpu)
+        return {k: _map_devices(v, old, new) for k, v in value.items()}
     return value
 
 

@@ -38,6 +38,7 @@ from torch.fx.experimental.sym_node import SymNode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import TraceError
+from .saved_hooks import paused_saved_tensors_hooks
 from .names import sanitize_program, sanitize_targets
 from .safety import exclusive_trace
 
@@ -255,7 +256,8 @@ def trace(model: nn.Module, example_inputs: Any = None, dynamic: DynamicSpec = T
     axes = dynamic_axes(kwargs, dynamic)
     mode = model.training if training is None else training
     try:
-        with in_mode(model, training), _fast_tracing(stack_traces), _bound_forward(model, bound):
+        with in_mode(model, training), _fast_tracing(stack_traces), _bound_forward(model, bound), \
+                paused_saved_tensors_hooks():  # the caller's pack hooks never see fake tensors (saved_hooks.py)
             program = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs, axes),
                                           strict=False)
     except Exception as exc:  # torch raises many types; the user needs one short message
@@ -570,7 +572,7 @@ def _memoised_composites() -> Iterator[None]:
 def fake_call(mode: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     """``op(*args, **kwargs)`` on fake values under ``mode`` (a traced graph's fake mode), with the same
     composite-op memo as tracing: a pass inserting the same op at every layer pays for one decomposition."""
-    with mode, enable_python_dispatcher(), _memoised_composites():
+    with mode, enable_python_dispatcher(), _memoised_composites(), paused_saved_tensors_hooks():  # saved_hooks.py
         return op(*args, **kwargs)
 
 

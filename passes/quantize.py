@@ -34,12 +34,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from graftlib.bnb import PREQUANTISED
 from graftlib.editor import Editor, graft_tag
+from graftlib.errors import GraftError
 from graftlib.registry import Method, Option, register
+from graftlib.runtime import eliminate_dead_code
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
 
-__all__ = ["Quantize", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "quantize_int8",
+__all__ = ["Quantize", "dequant_linear", "recompute_in_backward", "NF4_CODE", "DYNAMIC_CODE", "quantize_nf4", "dequantize_nf4", "quantize_int8",
            "dequantize_int8", "quantize_weight", "dequantize_weight", "is_released", "skeleton"]
 
 aten = torch.ops.aten
@@ -78,28 +81,62 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
 
 
-def _blockwise(flat: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax per block) of a 1-D float tensor; a last partial block is padded with zeros,
-    which leaves its absmax (and every other code) as bitsandbytes computes them."""
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % block)])
-    blocks = flat.reshape(-1, block)
-    absmax = blocks.abs().max(dim=-1)[0]
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    return _nearest(scaled, code), absmax
+LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' CPU 8-bit blockwise quantiser
+
+
+def _dynamic_lut(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``build_quantize_lut`` (csrc/cpu_ops.cpp, 0.50): bin ``i`` of [-1, 1] holds the
+    index of the first level whose midpoint with the next is not below ``-1 + 2 i / 65535``."""
+    midpoints = 0.5 * (code[:-1] + code[1:])                                    # (255,) fp32
+    bins = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, bins, side="left").to(torch.uint8)    # (65536,)
+
+
+DYNAMIC_LUT = _dynamic_lut(DYNAMIC_CODE)
+
+
+def _blockwise_dynamic(flat: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax per block) of a 1-D fp32 tensor exactly as bitsandbytes' CPU
+    ``quantize_blockwise`` computes them: ``x * (1 / absmax)`` clamped to [-1, 1], put in one of
+    65,536 bins (``uint16((v + 1) * 0.5 * 65535 + 0.5)``), and the bin's code read from the table;
+    a block of zeros gets code 0. The table is not always the nearest level (up to one level off)."""
+    numel = flat.numel()
+    blocks = torch.cat([flat, flat.new_zeros(-numel % block)]).reshape(-1, block)  # (blocks, block)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax).view(-1, 1), -1, 1)
+    bins = ((scaled + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5).to(torch.int64)       # truncation, as the C cast
+    lut = DYNAMIC_LUT if code is DYNAMIC_CODE else _dynamic_lut(code)
+    codes = lut[bins.clamp(0, LUT_SIZE - 1)]
+    codes = torch.where(absmax.view(-1, 1) == 0, torch.zeros_like(codes), codes)
+    return codes.reshape(-1)[:numel], absmax
+
+
+def _nf4_blocks(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of NF4 as bitsandbytes' ``quantize_4bit`` (its torch kernel, the one CPU runs):
+    full blocks scale by ``x * (1 / absmax)``, a last partial block by ``x / absmax`` with its absmax
+    clamped to 1e-38; an odd count gets one zero code appended."""
+    numel = flat.numel()
+    full = numel - numel % BLOCK
+    head = flat[:full].reshape(-1, BLOCK)                                        # (blocks, 64)
+    absmax = head.abs().amax(dim=-1)
+    scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < numel:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    scaled = torch.cat([scaled, scaled.new_zeros(numel % 2)])
+    return _nearest(scaled, NF4_CODE), absmax
 
 
 def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """NF4 with double-quantised absmax; the tensors bitsandbytes' ``quantize_4bit(compress_statistics=True)``
-    produces: ``packed`` (n/2,) uint8, ``qabsmax`` (blocks,) uint8, ``absmax2`` (ceil(blocks/256),),
-    ``offset`` () — the last absmax block padded, which leaves the first `blocks` values unchanged."""
-    flat = weight.detach().reshape(-1).float()
-    codes, absmax = _blockwise(flat, BLOCK, NF4_CODE)
-    codes = codes[: flat.numel() + flat.numel() % 2]  # (n rounded up to even,)
-    packed = (codes[::2] << 4) | codes[1::2]
+    """NF4 with double-quantised absmax; bit for bit the tensors bitsandbytes 0.50's CPU
+    ``quantize_4bit(blocksize=64, quant_type="nf4", compress_statistics=True)`` produces: ``packed``
+    (n/2,) uint8, ``qabsmax`` (blocks,) uint8, ``absmax2`` (ceil(blocks/256),), ``offset`` ()."""
+    codes, absmax = _nf4_blocks(weight.detach().reshape(-1).float())
+    packed = (codes[::2] << 4) | codes[1::2]                                     # (ceil(n/2),)
     offset = absmax.mean()
-    centred = absmax - offset
-    qabsmax, absmax2 = _blockwise(centred, ABSMAX_BLOCK, DYNAMIC_CODE)
-    return {"packed": packed, "qabsmax": qabsmax[: centred.numel()].clone(), "absmax2": absmax2, "offset": offset}
+    qabsmax, absmax2 = _blockwise_dynamic(absmax - offset, ABSMAX_BLOCK, DYNAMIC_CODE)
+    return {"packed": packed, "qabsmax": qabsmax, "absmax2": absmax2, "offset": offset}
 
 
 def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -175,7 +212,13 @@ class Quantize(Method):
         state: dict[str, torch.Tensor] = {}
         names = ("packed", "qabsmax", "absmax2", "offset") if config["bits"] == 4 else ("q", "scale")
 
+        prequantised = getattr(weight, PREQUANTISED, None)  # a bitsandbytes layer's own NF4 tensors
+        if prequantised is not None and config["bits"] != 4:
+            raise GraftError(f"{site.key} holds bitsandbytes NF4 weights: quantize it with bits=4")
+
         def make(name: str):
+            if prequantised is not None:
+                return lambda: prequantised[name]
             return lambda: state.setdefault("all", quantize_weight(weight, config["bits"]))[name]
 
         with editor.before(anchor):
@@ -183,7 +226,8 @@ class Quantize(Method):
             dequant = self._dequant_nodes(editor, params, shape, config["bits"])
             if dtype != torch.float32:
                 dequant = editor.call(aten._to_copy.default, dequant, dtype=dtype)
-        graft_tag(dequant).update(role="weight", weight=weight_node.target, shape=list(shape))
+        graft_tag(dequant).update(role="weight", weight=weight_node.target, shape=list(shape), bits=config["bits"],
+                                  dtype=str(dtype).removeprefix("torch."), state=list(names))
         anchor.replace_input_with(weight_node, dequant)
         if not weight_node.users:
             editor.graph.erase_node(weight_node)
@@ -243,6 +287,12 @@ class Quantize(Method):
         if model is not None and any(not is_released(weight_value(model, t)) for t in released):
             object.__setattr__(grafted, "_model", skeleton(model, released))
 
+    def training_runtime(self, grafted: Any, record: Any, flat: fx.GraphModule) -> None:
+        """The graph training runs: each linear over a dequantised weight becomes one
+        :func:`dequant_linear` call, which keeps the packed tensors, not the weight, for backward."""
+        if recompute_in_backward(flat.graph, record.adapter):
+            flat.recompile()
+
     def quantized_state(self, weight: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
         return quantize_weight(weight, config["bits"])
 
@@ -273,3 +323,102 @@ def skeleton(model: nn.Module, targets: set[str]) -> nn.Module:
         memo[id(buffer)] = buffer
     return copy.deepcopy(model, memo)
 
+
+
+# -- training: the dequantised weight is recomputed in backward, not kept ---------------------------
+class _DequantLinear(torch.autograd.Function):
+    """``linear(x, dequant(state), bias)`` (``kind="linear"``) or ``addmm(bias, x, dequant(state))``
+    (``"addmm"``, Conv1D): saves the packed state (buffers: no copy) and recomputes the weight in
+    backward, so a training step holds one dequantised weight at a time instead of all of them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, kind: str, shape: tuple[int, ...],
+                bits: int, dtype: torch.dtype, names: tuple[str, ...], *state: torch.Tensor) -> torch.Tensor:
+        weight = _restore(state, names, shape, bits, dtype)
+        ctx.save_for_backward(*state)
+        ctx.recipe = (kind, shape, bits, dtype, names, x.dtype, bias is not None)
+        if kind == "linear":
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.addmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        kind, shape, bits, dtype, names, x_dtype, has_bias = ctx.recipe
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _restore(ctx.saved_tensors, names, shape, bits, dtype).to(grad.dtype)
+            grad_x = (grad @ weight if kind == "linear" else grad @ weight.T).to(x_dtype)  # (..., in)
+        if has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (grad_x, grad_bias) + (None,) * (5 + len(names))
+
+
+def _restore(state: tuple[torch.Tensor, ...], names: tuple[str, ...], shape: tuple[int, ...], bits: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    weight = dequantize_weight(dict(zip(names, state)), shape, bits)  # the graph's ops, the same values
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def dequant_linear(x: torch.Tensor, bias: torch.Tensor | None, kind: str, shape: list[int], bits: int,
+                   dtype: torch.dtype, names: list[str], *state: torch.Tensor) -> torch.Tensor:
+    """The call training graphs make (see :class:`_DequantLinear`)."""
+    return _DequantLinear.apply(x, bias, kind, tuple(shape), bits, dtype, tuple(names), *state)
+
+
+def _state_nodes(dequant: fx.Node, names: list[str]) -> list[fx.Node] | None:
+    """The get_attr nodes of the packed tensors the dequantise subgraph reads, in `names` order."""
+    found: dict[str, fx.Node] = {}
+    todo, seen = [dequant], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        tag = graft_tag(node) or {}
+        if node.op == "get_attr" and tag.get("role") == "param":
+            found[tag.get("param")] = node
+        todo.extend(node.all_input_nodes)
+    return [found[n] for n in names] if all(n in found for n in names) else None
+
+
+def _linear_args(user: fx.Node, dequant: fx.Node) -> tuple[str, Any, Any] | None:
+    """(kind, x, bias) when `user` is a plain linear / addmm reading `dequant` as its weight."""
+    if user.kwargs:
+        return None
+    if user.target == aten.linear.default and len(user.args) in (2, 3) and user.args[1] is dequant \
+            and user.args[0] is not dequant:
+        return "linear", user.args[0], user.args[2] if len(user.args) == 3 else None
+    if user.target == aten.addmm.default and len(user.args) == 3 and user.args[2] is dequant \
+            and dequant not in user.args[:2]:
+        return "addmm", user.args[1], user.args[0]
+    return None
+
+
+def recompute_in_backward(graph: fx.Graph, adapter: str) -> bool:
+    """Rewrite `adapter`'s dequantised-weight linears into :func:`dequant_linear` calls (training
+    graphs only: the exported and evaluated graphs keep the plain aten subgraph). True if changed."""
+    changed = False
+    for dequant in list(graph.nodes):
+        tag = graft_tag(dequant) or {}
+        if tag.get("pass") != "quantize" or tag.get("role") != "weight" or tag.get("adapter") != adapter \
+                or "state" not in tag:
+            continue
+        state = _state_nodes(dequant, tag["state"])
+        if state is None:
+            continue
+        dtype = getattr(torch, tag["dtype"])
+        for user in list(dequant.users):
+            parsed = _linear_args(user, dequant)
+            if parsed is None:
+                continue  # another reader (DoRA's norm, a tied weight) keeps the plain subgraph
+            kind, x, bias = parsed
+            with graph.inserting_before(user):
+                call = graph.call_function(dequant_linear, (x, bias, kind, list(tag["shape"]), tag["bits"], dtype,
+                                                            list(tag["state"]), *state))
+            call.meta.update(user.meta)
+            user.replace_all_uses_with(call)
+            graph.erase_node(user)
+            changed = True
+    if changed:
+        eliminate_dead_code(graph)
+    return changed

@@ -395,8 +395,6 @@ def test_checkpointing_keeps_fewer_tensors_for_backward() -> None:
     model, _ = build("llama")
     g = graftlib.apply(model, "lora(q,v,r=4)").train()
     inputs = inputs_for("llama", batch=4, seq=16)
-    with torch.no_grad():  # the graph for all-ones masks is traced here, not under the counting hooks
-        g(**inputs)
     without = saved_for_backward_bytes(g, inputs)
     g.gradient_checkpointing_enable()
     with_ckpt = saved_for_backward_bytes(g, inputs)
@@ -407,3 +405,58 @@ def test_bad_every_n_layers_is_a_graft_error() -> None:
     g = graftlib.apply(build("llama")[0], "lora(q,r=2)")
     with pytest.raises(graftlib.GraftError, match="every_n_layers must be a positive integer"):
         g.gradient_checkpointing_enable(every_n_layers=0)
+
+
+def test_first_trace_under_saved_tensors_hooks_leaves_them_to_the_call() -> None:
+    """A call that traces (training mode: a new graph) inside the caller's saved_tensors_hooks: the trace and
+    the passes' fake propagation never reach the hooks (a pack hook reading data_ptr failed on FakeTensors);
+    the call itself does, with the same tensors as a call that needs no trace."""
+    model, _ = build("llama")
+    g = graftlib.apply(model, "lora(q,v,r=4)")
+    _randomise(g)
+    g.train()
+    inputs = inputs_for("llama", batch=2, seq=6)
+
+    def counted() -> tuple[torch.Tensor, dict[int, int]]:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()  # fails on a FakeTensor
+            return tensor
+
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = _hidden(g(**inputs))
+            assert torch._C._autograd._top_saved_tensors_default_hooks(True)[0] is pack, "hooks restored"
+        assert torch._C._autograd._top_saved_tensors_default_hooks(True) == outer
+        return out, storages
+
+    first, first_saved = counted()  # traces the training-mode graph
+    again, again_saved = counted()  # the graph exists: no trace
+    assert torch.equal(first, again)
+    assert sorted(first_saved.values()) == sorted(again_saved.values()) and first_saved
+    first.sum().backward()  # what the hooks kept is usable
+    assert all(p.grad is not None for p in g.trainable_parameters().values())
+
+
+def test_checkpointing_enabled_on_the_model_before_grafting_is_kept(monkeypatch) -> None:
+    """``model.gradient_checkpointing_enable()`` then ``apply``: the graft checkpoints per block (torch.export
+    drops the model's own), with the gradients of a graft of the same model without checkpointing."""
+    from models import build_with_head
+
+    ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    results = []
+    for enable in (True, False):
+        model = build_with_head("llama")
+        if enable:
+            model.gradient_checkpointing_enable()
+        g = graftlib.apply(model, "lora(q,v,r=4)").train()
+        _randomise(g)
+        assert g.is_gradient_checkpointing is enable
+        results.append(_grads_and_checkpointed_calls(g, inputs, monkeypatch))
+    (kept, kept_calls), (plain, plain_calls) = results
+    assert (kept_calls, plain_calls) == (2, 0)  # 2 layers
+    for name in plain:
+        torch.testing.assert_close(kept[name], plain[name], rtol=0, atol=0)

@@ -5,6 +5,7 @@
     python -m graftlib.tools.bench --only dora   # one section (DoRA vs PEFT DoRA vs graftlib LoRA)
 
     python -m graftlib.tools.bench --only checkpointing   # one section (saved-for-backward bytes, ~1 min)
+    python -m graftlib.tools.bench --only gpu   # CUDA rows (train step, peak memory, forward); tools/gpu_check.sh
 
 Contenders are interleaved (each repetition times every contender once, in rotating order) and the
 table reports medians and ratios. Memory and the 1B-scale apply run in fresh subprocesses so their
@@ -559,6 +560,74 @@ def bench_checkpointing(quick: bool) -> list[Row]:
     ]
 
 
+def _cuda_timed(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    """Median ms of `fn` on the GPU (synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _cuda_peak(fn: Callable[[], Any]) -> float:
+    """Peak GPU memory (MiB) allocated during one call of `fn`, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - start) / (1024 * 1024)
+
+
+def bench_gpu(quick: bool, reps: int) -> list[Row]:
+    """On a CUDA device: Llama (12 x 768) at batch 8 x 512, bf16 autocast: training step time and peak memory
+    (graftlib vs PEFT, and with per-block checkpointing), eval forward time. No rows without CUDA."""
+    if not torch.cuda.is_available():
+        print("   gpu: no CUDA device, section skipped", file=sys.stderr, flush=True)
+        return []
+    m = _llama(quick)
+    batch, seq = (2, 32) if quick else (8, 512)
+    base, g, peft_model = _contenders(m)
+    device = torch.device("cuda")
+    g.to(device).train()
+    peft_model.to(device).train()
+    x = {k: v.to(device) for k, v in _inputs(m, batch, seq).items()}
+    g_opt = torch.optim.AdamW(g.trainable_parameters().values(), lr=1e-4)
+    p_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+    def autocast(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn()
+        return run
+
+    g_step, p_step = autocast(_train_step(g, x, g_opt)), autocast(_train_step(peft_model, x, p_opt))
+    case = f"{m.name} {batch}x{seq}, lora(q,v,r=16), bf16 autocast"
+    g_ms, p_ms = _cuda_timed(g_step, reps), _cuda_timed(p_step, reps)
+    g_mib, p_mib = _cuda_peak(g_step), _cuda_peak(p_step)
+    g.gradient_checkpointing_enable()
+    ck_ms, ck_mib = _cuda_timed(g_step, reps), _cuda_peak(g_step)
+    g.gradient_checkpointing_disable()
+    g.eval(), peft_model.eval()
+    with torch.inference_mode():
+        f_g, f_p = _cuda_timed(autocast(lambda: g(**x)), reps), _cuda_timed(autocast(lambda: peft_model(**x)), reps)
+    gpu = torch.cuda.get_device_name()
+    return [
+        Row("10 GPU: train step (fwd+bwd+AdamW)", case, g_ms, p_ms, note=gpu),
+        Row("10 GPU: train step peak memory", case, g_mib, p_mib, unit="MiB", note="above the weights"),
+        Row("10 GPU: train step, g.gradient_checkpointing_enable()", case, ck_ms, base=g_ms,
+            note="base column: graftlib without checkpointing"),
+        Row("10 GPU: train step peak memory, checkpointing", case, ck_mib, base=g_mib, unit="MiB",
+            note="base column: graftlib without checkpointing"),
+        Row("10 GPU: eval forward", case, f_g, f_p),
+    ]
+
+
 def to_markdown(rows: list[Row]) -> str:
     lines = ["| section | case | graftlib | PEFT | base | graftlib/PEFT | graftlib/base | note |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -577,7 +646,7 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
-SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing", "dora")
+SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing", "dora", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -609,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
              ("mixed", lambda: bench_mixed(models[0], mixed_shapes, reps)),
              ("onnx", lambda: bench_onnx(models[0], reps)),
              ("memory", lambda: bench_memory(args.quick)),
-             ("checkpointing", lambda: bench_checkpointing(args.quick))]
+             ("checkpointing", lambda: bench_checkpointing(args.quick)),
+             ("gpu", lambda: bench_gpu(args.quick, reps))]
     for section, job in jobs:
         if section not in only:
             continue

@@ -1,6 +1,6 @@
 """Benchmark rows for quantised base weights (``quantize(...)``): memory, training step, a 1B model.
 
-    python -m graftlib.tools.bench_quant [--json FILE] [--skip-1b] [--steps N]
+    python -m graftlib.tools.bench_quant [--json FILE] [--skip-1b | --only-1b] [--steps N] [--demo-steps N]
 
 Each measurement runs in its own process so resident memory is that configuration's alone:
 
@@ -9,7 +9,10 @@ Each measurement runs in its own process so resident memory is that configuratio
   packed weights only), for fp32 LoRA, int8 and NF4; llama-160m-shaped and TinyLlama-1.1B-shaped.
 - train step (fwd + bwd + AdamW on LoRA q,v r=16, batch 1 x 64): median of N steps, NF4 / int8
   against fp32 LoRA in the same process, interleaved.
-- 1B: NF4 + LoRA trains 2 steps; peak RSS (VmHWM) of that process.
+- demo (``--demo-steps 50``): the demo task's test accuracy and final train loss, LoRA vs int8 / NF4
+  encoder + LoRA, same seed and steps.
+- 1B: NF4 + LoRA trains 2 steps (batch 1 x 32); peak RSS (VmHWM, reset once the graft is built, so
+  it is the training's) with the dequantised weights kept for backward and recomputed in backward.
 """
 from __future__ import annotations
 
@@ -113,11 +116,22 @@ def child_train(shape: str, steps: int) -> dict[str, Any]:
     return {k: {"median_ms": 1e3 * statistics.median(v), "last_loss": losses[k]} for k, v in times.items()}
 
 
-def child_1b(steps: int = 2) -> dict[str, Any]:
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux ``clear_refs`` 5), so the peak is the training's."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def child_1b(steps: int = 2, recompute: bool = True) -> dict[str, Any]:
+    """NF4 + LoRA on the 1.1B shape; ``recompute=False`` keeps every dequantised weight for backward
+    (the plain graph, as before training graphs used ``dequant_linear``)."""
     import torch
 
     import graftlib
+    import graftlib.passes.quantize as quantize
 
+    if not recompute:
+        quantize.recompute_in_backward = lambda graph, adapter: False
     torch.set_num_threads(2)
     model = _model("llama-1.1b")
     batch = _example(model.config.vocab_size, length=32)
@@ -125,6 +139,9 @@ def child_1b(steps: int = 2) -> dict[str, Any]:
     del model
     _trim()
     resting = _rss_mib()
+    g(**batch)  # the training graph is built (traced) outside the measured steps
+    _trim()
+    _reset_peak()
     optim = torch.optim.AdamW(g.trainable_parameters().values(), lr=1e-4)
     losses, times = [], []
     for _ in range(steps):
@@ -135,7 +152,31 @@ def child_1b(steps: int = 2) -> dict[str, Any]:
         optim.zero_grad(set_to_none=True)
         losses.append(float(loss))
         times.append(time.perf_counter() - start)
-    return {"losses": losses, "step_s": times, "rss_at_rest_mib": resting, "peak_rss_mib": _rss_mib("VmHWM:")}
+    return {"recompute": recompute, "losses": losses, "step_s": times, "rss_at_rest_mib": resting,
+            "train_peak_rss_mib": _rss_mib("VmHWM:")}
+
+
+DEMO_SPECS = {"fp32": "lora(q,v,r=16)", "int8": 'quantize("encoder.*", bits=8) + lora(q,v,r=16)',
+              "nf4": 'quantize("encoder.*", bits=4) + lora(q,v,r=16)'}  # the encoder: the head trains in fp32
+
+
+def demo_rows(steps: int = 50) -> dict[str, Any]:
+    """The demo task (graftlib-demo: all-MiniLM-L6-v2 reviews, seed 0) for LoRA, int8 + LoRA and NF4 + LoRA:
+    test accuracy and final train loss after `steps` steps, each run in its own process."""
+    import tempfile
+    from pathlib import Path
+
+    rows: dict[str, Any] = {}
+    for kind, spec in DEMO_SPECS.items():
+        with tempfile.TemporaryDirectory() as out:
+            done = subprocess.run([sys.executable, "-m", "graftlib.tools.demo", "--steps", str(steps), "--spec", spec,
+                                   "--out", out, "--force"], capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise SystemExit(f"demo {spec} failed:\n{done.stderr[-3000:]}")
+            summary = json.loads((Path(out) / "summary.json").read_text())
+        rows[kind] = {"spec": spec, "steps": steps, "accuracy": summary["accuracy_after"],
+                      "train_loss": summary["train_loss_after"]}
+    return rows
 
 
 def _run_child(call: str) -> dict[str, Any]:
@@ -152,22 +193,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--skip-1b", action="store_true", help="leave out the 1.1B rows")
     parser.add_argument("--steps", type=int, default=7, help="train steps per kind (default 7)")
+    parser.add_argument("--only-1b", action="store_true", help="only the 1.1B training rows (peak RSS)")
+    parser.add_argument("--demo-steps", type=int, default=0, metavar="N",
+                        help="also the demo task rows after N steps (accuracy, loss; e.g. 50: ~4 min)")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"memory": {}, "train": {}}
-    shapes = ["llama-160m"] + ([] if args.skip_1b else ["llama-1.1b"])
+    shapes = [] if args.only_1b else ["llama-160m"] + ([] if args.skip_1b else ["llama-1.1b"])
     for shape in shapes:
         for kind in SPECS:
             row = results["memory"][f"{shape} {kind}"] = _run_child(f"child_memory({shape!r}, {kind!r})")
             print(f"memory  {shape:11s} {kind:5s} model fp32 {row['model_fp32_mib']:8.1f} MiB  graft alone "
                   f"{row['graft_mib']:8.1f} MiB  x{row['ratio']:.3f}  apply {row['apply_s']:.1f} s", flush=True)
-    results["train"]["llama-160m"] = train = _run_child(f"child_train('llama-160m', {args.steps})")
-    for kind, row in train.items():
-        print(f"train   llama-160m  {kind:5s} {row['median_ms']:8.1f} ms  x{row['median_ms'] / train['fp32']['median_ms']:.3f}"
-              f" of fp32 LoRA  loss {row['last_loss']:.4f}", flush=True)
+    if not args.only_1b:
+        results["train"]["llama-160m"] = train = _run_child(f"child_train('llama-160m', {args.steps})")
+        for kind, row in train.items():
+            print(f"train   llama-160m  {kind:5s} {row['median_ms']:8.1f} ms  x{row['median_ms'] / train['fp32']['median_ms']:.3f}"
+                  f" of fp32 LoRA  loss {row['last_loss']:.4f}", flush=True)
     if not args.skip_1b:
-        row = results["1b"] = _run_child("child_1b(2)")
-        print(f"1.1B nf4+lora: 2 steps, losses {row['losses']}, step {row['step_s']} s, RSS at rest "
-              f"{row['rss_at_rest_mib']:.0f} MiB, peak {row['peak_rss_mib']:.0f} MiB", flush=True)
+        for recompute in (False, True):
+            row = results[f"1b recompute={recompute}"] = _run_child(f"child_1b(2, recompute={recompute})")
+            print(f"1.1B nf4+lora (dequantised weights {'recomputed in backward' if recompute else 'kept'}): "
+                  f"2 steps, losses {row['losses']}, step {row['step_s']} s, RSS at rest "
+                  f"{row['rss_at_rest_mib']:.0f} MiB, training peak {row['train_peak_rss_mib']:.0f} MiB", flush=True)
+    if args.demo_steps:
+        results["demo"] = demo_rows(args.demo_steps)
+        for kind, row in results["demo"].items():
+            print(f"demo    {kind:5s} {row['steps']} steps: test accuracy {100 * row['accuracy']:.1f} %, "
+                  f"train loss {row['train_loss']:.4f}   ({row['spec']})", flush=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
