@@ -146,7 +146,7 @@ def spec_error(model: nn.Module, spec: str) -> str:
 
 def test_unknown_method_says_did_you_mean_then_every_method(bert: nn.Module) -> None:
     every = ", ".join(sorted(methods()))
-    assert spec_error(bert, "lorra(q,v)") == f"unknown method 'lorra'; did you mean 'lora' or 'lokr' or 'loha'? " \
+    assert spec_error(bert, "lorra(q,v)") == f"unknown method 'lorra'; did you mean 'lora' or 'lora_param' or 'lokr'? " \
                                             f"all {len(methods())} methods: {every}"
     assert spec_error(bert, "foo(q)") == f"unknown method 'foo'; all {len(methods())} methods: {every}"
 
