@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from torch import fx
 
 from .errors import GraftSpecError, did_you_mean
-from .safety import BoundedRegex
+from .safety import BoundedRegex, regex_call
 from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
 from .spec import GraftCall, Target
 
-__all__ = ["ALIASES", "SiteIndex", "Selection", "Selections", "format_table", "resolve_targets"]
+__all__ = ["ALIASES", "SiteIndex", "Selection", "Selections", "format_table", "resolve_targets", "target_matches"]
 
 _ROLE_PATTERNS: dict[str, list[str]] = {
     "q": [r"(^|\.)(query|q_proj|q_lin|q|to_q|query_proj)$"],
@@ -223,6 +223,16 @@ def _pattern_sites(target: Target, sites: Sequence[Site]) -> list[Site]:
         return [s for s in sites if fnmatch.fnmatchcase(s.key, target.text)]
     name = target.text
     return [s for s in sites if s.key == name or s.key.endswith("." + name)]
+
+
+def target_matches(target: Target, path: str) -> bool:
+    """Whether a spec target names `path` (a module or parameter path): a regex (time-bounded) or glob
+    over the whole path, or a plain name that is the path or its last dotted part(s)."""
+    if target.kind == "regex":
+        return regex_call("fullmatch", target.text, path, "regular expression", GraftSpecError) is not None
+    if target.kind == "glob":
+        return fnmatch.fnmatchcase(path, target.text)
+    return path == target.text or path.endswith("." + target.text)
 
 
 def resolve_targets(call: GraftCall, index: SiteIndex, kinds: Iterable[str],

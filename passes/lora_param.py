@@ -18,7 +18,6 @@ and this file exports it (``peft_export``).
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -30,8 +29,7 @@ from graftlib.editor import Editor, graft_tag
 from graftlib.errors import GraftError, GraftSpecError, LoadError, did_you_mean
 from graftlib.peft import PREFIX, _float_text, _graph_parameters
 from graftlib.registry import Method, Option, positive, register
-from graftlib.safety import regex_call
-from graftlib.select import Selection, SiteIndex
+from graftlib.select import Selection, SiteIndex, target_matches
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
 
@@ -99,7 +97,7 @@ class LoRAParam(Method):
         params = sorted(t for t, kind in kinds.items() if kind == "parameter")
         matched: dict[str, list[str]] = {}
         for target in call.targets:
-            hits = [p for p in params if _param_match(target, p)]
+            hits = [p for p in params if target_matches(target, p)]
             if not hits:
                 raise call.error(f"lora_param: {target.text!r} names no parameter the graph reads; "
                                  f"{did_you_mean(target.text, params, 'parameters')}", target.column)
@@ -136,14 +134,6 @@ class LoRAParam(Method):
         b_e = editor.call(aten.permute.default, b_e, [2, 0, 1])                          # (E, out, r)
         delta = editor.call(aten.bmm.default, b_e, a_e)                                  # (E, out, in)
         return editor.call(aten.transpose.int, delta, 1, 2) if transposed else delta
-
-
-def _param_match(target: Any, path: str) -> bool:
-    if target.kind == "regex":
-        return regex_call("fullmatch", target.text, path, "regular expression", GraftSpecError) is not None
-    if target.kind == "glob":
-        return fnmatch.fnmatchcase(path, target.text)
-    return path == target.text or path.endswith("." + target.text)
 
 
 # -- PEFT's format -------------------------------------------------------------------------------

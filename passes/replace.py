@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from typing import Any
 
@@ -18,8 +17,7 @@ from graftlib.editor import Editor, graft_tag
 from graftlib.errors import GraftSpecError, did_you_mean
 from graftlib.peft import _graph_parameters, _module_params
 from graftlib.registry import Method, register
-from graftlib.safety import regex_call
-from graftlib.select import Selection, SiteIndex
+from graftlib.select import Selection, SiteIndex, target_matches
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
 
@@ -51,7 +49,7 @@ class Replace(Method):
         modules = sorted({t.rsplit(".", 1)[0] for t in kinds if "." in t})
         matched: dict[str, list[str]] = {}
         for target in call.targets:
-            hits = [m for m in modules if _module_match(target, m)]
+            hits = [m for m in modules if target_matches(target, m)]
             if not hits:
                 raise call.error(f"replace: {target.text!r} names no module with weights in this model; "
                                  f"{did_you_mean(target.text, modules, 'modules with weights')}", target.column)
@@ -74,11 +72,3 @@ class Replace(Method):
                 editor = Editor(gm, self.name, config["name"], site, node)
                 new = editor.param("value", lambda v=value: v.detach().clone())
                 editor.join(node, aten.expand_as.default, new, node)
-
-
-def _module_match(target: Any, module: str) -> bool:
-    if target.kind == "regex":
-        return regex_call("fullmatch", target.text, module, "regular expression", GraftSpecError) is not None
-    if target.kind == "glob":
-        return fnmatch.fnmatchcase(module, target.text)
-    return module == target.text or module.endswith("." + target.text)

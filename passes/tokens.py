@@ -15,7 +15,6 @@ not a difference. ``graftlib.from_peft`` loads it as a second graft ``<adapter>_
 """
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +25,7 @@ from graftlib.editor import Editor, graft_tag
 from graftlib.errors import GraftSpecError, LoadError, did_you_mean
 from graftlib.peft import PREFIX
 from graftlib.registry import Method, Option, register
-from graftlib.safety import regex_call
-from graftlib.select import Selection, SiteIndex
+from graftlib.select import Selection, SiteIndex, target_matches
 from graftlib.sites import Site, weight_value
 from graftlib.spec import GraftCall
 
@@ -73,7 +71,7 @@ class TrainableTokens(Method):
         ids = _as_tuple(config["ids"])
         matched: dict[str, list[str]] = {}
         for target in call.targets:
-            hits = sorted(p for p in embeddings if _match(target, p) or (target.kind == "name" and
+            hits = sorted(p for p in embeddings if target_matches(target, p) or (target.kind == "name" and
                                                                          embeddings[p].role == target.text))
             if not hits:
                 raise call.error(f"tokens: {target.text!r} names no embedding of this model; "
@@ -106,14 +104,6 @@ _ROWS = "trainable_tokens_delta"
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
     return (value,) if isinstance(value, int) else tuple(value)
-
-
-def _match(target: Any, path: str) -> bool:
-    if target.kind == "regex":
-        return regex_call("fullmatch", target.text, path, "regular expression", GraftSpecError) is not None
-    if target.kind == "glob":
-        return fnmatch.fnmatchcase(path, target.text)
-    return path == target.text or path.endswith("." + target.text)
 
 
 # -- PEFT's format -------------------------------------------------------------------------------
