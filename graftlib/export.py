@@ -53,6 +53,7 @@ from torch.utils import _pytree as pytree
 from .errors import GraftError
 from .grafted import Grafted
 from .io import clean_staging
+from .onnx_ops import onnx_translations
 from .registry import get_method
 from .runtime import build_module, copy_graph, op_histogram, specialise
 from .safety import TRACE_LOCK
@@ -293,7 +294,8 @@ def _to_onnx(module: fx.GraphModule, kwargs: dict[str, Any], opset: int | None, 
             with TRACE_LOCK, _quiet_exporter():  # torch.onnx runs torch.export: one at a time
                 program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, optimize=False,
                                             opset_version=opset, dynamic_shapes=shapes, verbose=False,
-                                            output_names=output_names)
+                                            output_names=output_names,
+                                            custom_translation_table=onnx_translations())  # MoE grouped mm
         except Exception as exc:  # noqa: BLE001 - the retry or the message below handles it
             if named:
                 continue

@@ -19,7 +19,7 @@ from graftlib.tools.matrix_families import FAMILIES
 FAST_FAMILIES = ["llama", "gpt-neox", "bloom", "phi3", "falcon", "albert", "gemma2", "convnext", "roberta",
                  "deberta-v2", "hand-ffn"]
 FAST_CELLS = {"trace", "lora", "adapter", "prefix", "prompt"}
-FAST_EXTRA = {("gpt-neox", "merge+onnx"), ("falcon", "merge+onnx"), ("phi3", "save/load")}
+FAST_EXTRA = {("gpt-neox", "merge+onnx"), ("falcon", "merge+onnx"), ("phi3", "save/load"), ("mixtral", "merge+onnx")}
 
 
 def _cases() -> list:
