@@ -65,6 +65,9 @@ def combine(g: "GraftedModule", weights: Mapping[str, float], how: str = "cat", 
     tensors: dict[str, torch.Tensor] = {}
     for key in keys:
         site = index.by_key(key)
+        if site.kind == "experts":
+            raise GraftError(f"combine: {key} is an expert stack (lora(experts)), whose factors hold one pair per "
+                             "expert; combining them is not supported yet: merge or run the adapters one by one")
         sources = {a: _source(g, a, key, float(w) * lora_scale(g.adapters[a].config), site)
                    for a, w in weights.items()}
         a_new, b_new = _COMBINE[how](site, sources, ranks, new_rank)

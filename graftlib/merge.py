@@ -141,8 +141,10 @@ def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex
 
 
 def _shared_elsewhere(graph: fx.Graph, target: str, ops: list[fx.Node]) -> bool:
-    readers = {user for n in graph.nodes if n.op == "get_attr" and n.target == target for user in n.users}
-    return bool(readers - {_weight_reader(op)[0] for op in ops} - set(ops))
+    # a site anchored at the weight's read itself (an expert stack) owns that read and all its users
+    readers = {user for n in graph.nodes if n.op == "get_attr" and n.target == target and n not in ops
+               for user in n.users}
+    return bool(readers - {_weight_reader(op)[0] for op in ops if op.op != "get_attr"} - set(ops))
 
 
 def _site_group_ops(graph: fx.Graph, index: SiteIndex, sites: list[Site]) -> list[fx.Node]:
@@ -203,6 +205,9 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
             owner, _, leaf = weight_name.rpartition(".")
             _ensure_module(gm, owner)._parameters[leaf] = merged
             for op in ops:  # a tied weight's copy, or a quantised weight stored in full again
+                if op.op == "get_attr":     # the site is the read itself (an expert stack)
+                    op.target = weight_name
+                    continue
                 reader, position = _weight_reader(op)
                 reads = reader.args[position]
                 if getattr(reads, "op", None) == "get_attr" and reads.target == weight_name:

@@ -325,6 +325,9 @@ class _Builder:
         if site.kind == "packed":
             raise GraftError(f"mixed batches do not support LoRA on {site.key}, a weight read in row blocks "
                              "(nn.MultiheadAttention's in_proj); run each adapter as a whole batch")
+        if site.kind == "experts":
+            raise GraftError(f"mixed batches do not support LoRA on the expert stack {site.key}: its LoRA changes "
+                             "the 3-D weight every row reads (lora(experts)); run each adapter as a whole batch")
         if site.kind == "embedding":
             x = anchor.args[1]
         elif site.kind == "conv":

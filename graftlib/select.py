@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .errors import GraftSpecError, did_you_mean
+from .experts import find_expert_sites
 from .safety import BoundedRegex, regex_call
 from .sites import LINEAR_KINDS, Site, _walk_back, _walk_forward, find_sites
 from .spec import GraftCall, Target
@@ -42,7 +43,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "ffn": ("up", "down", "gate"), "mlp": ("up", "down", "gate"),
     "attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v"),
     "embed": ("embed",), "conv": ("kind:conv",), "all-linear": ("kind:linear-all",),
-    "attention": ("kind:attention",),
+    "attention": ("kind:attention",), "experts": ("kind:experts",),
 }
 
 
@@ -64,6 +65,8 @@ class SiteIndex:
     @classmethod
     def build(cls, gm: fx.GraphModule) -> "SiteIndex":
         sites, anchors = find_sites(gm)
+        experts, expert_anchors = find_expert_sites(gm)
+        sites, anchors = sites + experts, {**anchors, **expert_anchors}
         sites = _assign_roles(sites, anchors)
         return cls(gm, sites, anchors)
 
@@ -206,6 +209,8 @@ def _alias_sites(alias: str, sites: Sequence[Site], kinds: Iterable[str]) -> lis
             hit = site.kind == "conv"
         elif "kind:attention" in wanted:
             hit = site.kind == "attention"
+        elif "kind:experts" in wanted:
+            hit = site.kind == "experts"
         else:
             hit = site.role in wanted
         if hit:

@@ -41,6 +41,7 @@ class Site:
     path: str                 # module path that owns the weight, e.g. "encoder.layer.0.attention.self.query"
     kind: str                 # "linear" | "conv1d" (GPT-2 Conv1D) | "conv" (nn.Conv1d/2d/3d) | "embedding" | "attention"
     #                           | "packed" (linears on row blocks of one weight: graftlib/packed.py)
+    #                           | "experts" (a 3-D expert stack read one expert at a time: graftlib/experts.py)
     weight: str | None        # get_attr target of the weight
     in_features: int          # input features / channels / vocabulary size
     out_features: int         # output features / channels / embedding dim
@@ -55,6 +56,8 @@ class Site:
     #: fused projection itself and its branch is scattered into these columns
     columns: tuple[int, ...] | None = field(default=None, compare=False, hash=False)
     fused_out: int | None = None  # the fused projection's output width, for a part given by `columns`
+    experts: int = 0              # kind "experts": a 3-D stack (experts, ., .) of per-expert weights (graftlib/experts.py)
+    transposed: bool = False      # an expert stack stored (experts, in, out), not (experts, out, in)
 
     @property
     def key(self) -> str:

@@ -8,6 +8,9 @@
     linear(x, W[lo:hi], ...) ->  linear(x, W[lo:hi], ...) + s * linear(linear(dropout(x), A), B[lo:hi])
                                  (a packed weight read in row blocks, nn.MultiheadAttention's in_proj:
                                  graftlib/packed.py; one A, B over all rows, as a LoRA on W)
+    W (E, out, in) expert stack ->  add(W, bmm(B_e, A_e), alpha=s) at every read of W     ``lora(experts)``:
+                                 one rank-r pair per expert (graftlib/experts.py finds the stacks by dataflow;
+                                 the branch and PEFT's factor layout are passes/lora_param.py's)
 
 with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Initialisation follows PEFT: A kaiming-uniform
 (a = sqrt 5) and B zero for linear and conv; for embeddings A is zero and B normal. The branch starts as
@@ -54,11 +57,13 @@ from graftlib.conv import conv_name, conv_op, ones, zeros
 from graftlib.editor import Editor
 from graftlib.packed import PACKED, weight_rows
 from graftlib.errors import GraftError
+from graftlib.experts import EXPERTS
 from graftlib.registry import Method, Option, in_range, positive, register
 from graftlib.sites import Site, _walk_back
 from graftlib.spec import GraftCall
 
 from .dora import dora_merged_weight, dora_rewrite
+from .lora_param import graft_param, param_delta
 
 __all__ = ["LoRA", "lora_scale", "lora_delta", "conv_lora_weight", "conv_factor_shapes", "peft_check", "peft_import",
            "peft_export"]
@@ -86,6 +91,12 @@ def lora_delta(site: Site, a: torch.Tensor, b: torch.Tensor, scale: float) -> to
     if site.kind in ("conv1d", "embedding"):
         return delta.T
     return delta
+
+
+def _stack_shape(site: Site) -> tuple[int, int, int]:
+    """The stored shape of an expert stack: (E, in, out) if transposed, else (E, out, in)."""
+    inner = (site.in_features, site.out_features) if site.transposed else (site.out_features, site.in_features)
+    return (site.experts, *inner)
 
 
 def refuse_dense_merge(site: Site, a: torch.Tensor) -> None:
@@ -135,7 +146,7 @@ def conv_factor_shapes(site: Site, config: dict[str, Any]) -> tuple[tuple[int, .
 @register
 class LoRA(Method):
     name = "lora"
-    site_kinds = ("linear", "conv1d", "conv", "embedding", PACKED)
+    site_kinds = ("linear", "conv1d", "conv", "embedding", PACKED, EXPERTS)
     mergeable = True
     options = {
         "r": Option(8, (int,), positive, help="rank"),
@@ -150,6 +161,8 @@ class LoRA(Method):
     }
 
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
+        if site.kind == EXPERTS:
+            return self._check_experts(call, site, config)
         if site.kind == "conv" and (site.out_features % site.conv["groups"]):
             raise call.error(f"cannot graft lora on {site.path}: its {site.out_features} output channels "
                              f"do not split into {site.conv['groups']} groups")
@@ -171,9 +184,21 @@ class LoRA(Method):
             raise call.error(f"cannot graft lora(bias=true) on {site.key}: not supported on {what} (PEFT's "
                              "lora_bias has neither); drop bias=true")
 
+    @staticmethod
+    def _check_experts(call: GraftCall, site: Site, config: dict[str, Any]) -> None:
+        """An expert stack's branch changes the weight itself (PEFT's ParamWrapper): no input dropout, DoRA or bias."""
+        for option, value in (("dropout", config["dropout"] > 0), ("dora", config.get("dora")),
+                              ("bias", config.get("bias"))):
+            if value:
+                raise call.option_error(option, f"cannot graft lora({option}=...) on the expert stack {site.key}: "
+                                                 "its LoRA is added to the 3-D weight, which has no branch input "
+                                                 f"(PEFT's target_parameters refuses it too); drop {option}")
+
     def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
         anchor, r = editor.anchor, config["r"]
         scale = lora_scale(config)
+        if site.kind == EXPERTS:                                                # anchor: a read of W (E, ., .)
+            return graft_param(editor, _stack_shape(site), r, scale, site.transposed)
         if site.kind == "embedding":
             indices = anchor.args[1]
             a = editor.param("lora_embedding_A", lambda: torch.zeros(r, site.in_features))
@@ -281,6 +306,9 @@ class LoRA(Method):
     def delta(self, site: Site, params: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
         if config.get("dora"):
             raise NotImplementedError("a DoRA delta depends on the weight: use merge_deltas")
+        if site.kind == EXPERTS:
+            return param_delta(_stack_shape(site), params["lora_A"].detach(), params["lora_B"].detach(),
+                               lora_scale(config), site.transposed)
         if site.kind == "embedding":
             a, b = params["lora_embedding_A"], params["lora_embedding_B"]
         else:
@@ -288,4 +316,18 @@ class LoRA(Method):
         return lora_delta(site, a.detach(), b.detach(), lora_scale(config))
 
 
-from graftlib.passes.lora_peft import peft_check, peft_export, peft_import  # noqa: E402  PEFT's format
+def peft_export(grafted: Any, record: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's adapter_config and state dict (passes/lora_peft.py); expert stacks are refused."""
+    from graftlib.select import SiteIndex
+
+    index = SiteIndex.build(grafted.base_graph_module)
+    stacks = [key for key in record.sites if index.by_key(key).kind == EXPERTS]
+    if stacks:
+        raise GraftError(f"not supported: saving lora(experts) in PEFT's format ({stacks[0]}): graftlib writes "
+                         "PEFT's target_parameters for one parameter per module (lora_param), and an experts module "
+                         "holds two (gate_up_proj, down_proj); save with g.save(dir)")
+    return _peft_export(grafted, record)
+
+
+from graftlib.passes.lora_peft import peft_check, peft_import  # noqa: E402  PEFT's format
+from graftlib.passes.lora_peft import peft_export as _peft_export  # noqa: E402

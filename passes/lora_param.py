@@ -36,7 +36,7 @@ from graftlib.spec import GraftCall
 if TYPE_CHECKING:
     from graftlib.protocols import GraftedModule, GraftRecord
 
-__all__ = ["LoRAParam", "param_delta", "peft_param_targets", "peft_import_params", "peft_export"]
+__all__ = ["LoRAParam", "param_delta", "graft_param", "peft_param_targets", "peft_import_params", "peft_export"]
 
 aten = torch.ops.aten
 
@@ -119,21 +119,28 @@ class LoRAParam(Method):
             a_shape, b_shape = _factor_shapes(shape, r, transposed)
             site = Site(target, "weights", target, a_shape[1], b_shape[0])
             for node in [n for n in getters if n.target == target]:
-                editor = Editor(gm, self.name, config["name"], site, node)
-                a = editor.param("lora_A", lambda s=a_shape: _kaiming(s))
-                b = editor.param("lora_B", lambda s=b_shape: torch.zeros(s))
-                editor.join(node, aten.add.Tensor, node, self._delta(editor, shape, a, b, transposed), alpha=scale)
+                graft_param(Editor(gm, self.name, config["name"], site, node), shape, r, scale, transposed)
 
-    @staticmethod
-    def _delta(editor: Editor, shape: tuple[int, ...], a: fx.Node, b: fx.Node, transposed: bool) -> fx.Node:
-        if len(shape) == 2:
-            return editor.call(aten.mm.default, b, a)                                     # (d0, d1)
-        experts = shape[0]
-        a_e = editor.call(aten.view.default, a, [experts, -1, a.meta["val"].shape[-1]])    # (E, r, in)
-        b_e = editor.call(aten.view.default, b, [b.meta["val"].shape[0], -1, experts])     # (out, r, E)
-        b_e = editor.call(aten.permute.default, b_e, [2, 0, 1])                          # (E, out, r)
-        delta = editor.call(aten.bmm.default, b_e, a_e)                                  # (E, out, in)
-        return editor.call(aten.transpose.int, delta, 1, 2) if transposed else delta
+
+def graft_param(editor: Editor, shape: tuple[int, ...], r: int, scale: float, transposed: bool) -> None:
+    """At the parameter read ``editor.anchor``: ``add(W, delta(B, A), alpha=s)``, A kaiming and B zero (PEFT)."""
+    a_shape, b_shape = _factor_shapes(shape, r, transposed)
+    a = editor.param("lora_A", lambda: _kaiming(a_shape))
+    b = editor.param("lora_B", lambda: torch.zeros(b_shape))
+    node = editor.anchor
+    editor.join(node, aten.add.Tensor, node, _delta_nodes(editor, shape, a, b, transposed), alpha=scale)
+
+
+def _delta_nodes(editor: Editor, shape: tuple[int, ...], a: fx.Node, b: fx.Node, transposed: bool) -> fx.Node:
+    """``param_delta`` as graph nodes (without the scale, which the join's alpha applies)."""
+    if len(shape) == 2:
+        return editor.call(aten.mm.default, b, a)                                     # (d0, d1)
+    experts = shape[0]
+    a_e = editor.call(aten.view.default, a, [experts, -1, a.meta["val"].shape[-1]])    # (E, r, in)
+    b_e = editor.call(aten.view.default, b, [b.meta["val"].shape[0], -1, experts])     # (out, r, E)
+    b_e = editor.call(aten.permute.default, b_e, [2, 0, 1])                          # (E, out, r)
+    delta = editor.call(aten.bmm.default, b_e, a_e)                                  # (E, out, in)
+    return editor.call(aten.transpose.int, delta, 1, 2) if transposed else delta
 
 
 # -- PEFT's format -------------------------------------------------------------------------------
