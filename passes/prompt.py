@@ -8,6 +8,8 @@ tokens, ``E`` the token-embedding lookup on ``input_ids`` and ``S`` the input se
     token_type_ids            (B, S)     ->  cat([zeros(B, n), token_type_ids], 1)
     labels                    (B, S)     ->  cat([full(B, n, -100), labels], 1)   # ignored by the loss
     position_ids              (B, S)     ->  cat([arange(n), position_ids + n], 1)
+    ne(input_ids, pad)        (B, S)     ->  full(B, n+S, True)   when another lookup's indices (positions)
+                                             are computed from it (RoBERTa, XLM-R, MPNet: see below)
     sym_size(x, 1) = S                   ->  S + n   for every use outside the input_ids lookup
 
 Each ``cat([prefix, x], 1)`` is inserted as ``slice_scatter(cat([prefix, x], 1), x, 1, n)`` (same
@@ -16,7 +18,12 @@ values) so that the join's base ``x`` is one of its direct arguments.
 This is exactly what PEFT does (``inputs_embeds = cat(prompts, embeds)``, ``attention_mask =
 cat(ones, mask)``): every size derived from the sequence (position ids, buffered token-type ids,
 causal-mask construction, head reshapes) sees ``n + S``, so positions run ``0 .. n+S-1``; only ops
-on ``input_ids`` itself (e.g. GPT-2's ``input_ids.view(-1, S)``) keep ``S``. Every changed value is a
+on ``input_ids`` itself (e.g. GPT-2's ``input_ids.view(-1, S)``) keep ``S``. Position ids computed from
+``input_ids`` (RoBERTa's ``cumsum(input_ids != pad) * (input_ids != pad) + pad``) are, in the model's
+``inputs_embeds`` path that PEFT calls, sequential over all n+S positions (``pad+1 .. pad+n+S``,
+``create_position_ids_from_inputs_embeds``: no token counts as padding): the padding test the positions
+are computed from is replaced by "every position is a token", widened to n+S, and the ops after it
+(cumsum, the buffered token-type gather) follow. Every changed value is a
 join over the old one (the slice_scatter, ``S + n``, the output slice), so disabling the adapter
 gives the base graph exactly.
 
@@ -129,18 +136,31 @@ def _seq_sizes(graph: fx.Graph, seq: Any) -> list[fx.Node]:
             and not _is_graft(n) and _expr(n.meta.get("val")) == seq]
 
 
-def _input_region(ids: fx.Node, anchor: fx.Node) -> set[fx.Node]:
-    """Tensor ops computed from ``input_ids`` before the lookup: they keep the original length."""
+def _input_region(ids: fx.Node, anchor: fx.Node, stop: frozenset[fx.Node] = frozenset()) -> set[fx.Node]:
+    """Tensor ops computed from ``input_ids`` before the lookup (not through `stop`): they keep the original
+    length."""
     region, frontier = set(), [ids]
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if user is anchor or user in region or user.op != "call_function" or is_join(user):
+            if user is anchor or user in region or user in stop or user.op != "call_function" or is_join(user):
                 continue  # a join (LoRA on the lookup) is the lookup's value, not the input's
             if isinstance(user.meta.get("val"), torch.Tensor):
                 region.add(user)
                 frontier.append(user)
     return region
+
+
+def _padding_tests(ids: fx.Node, anchor: fx.Node) -> frozenset[fx.Node]:
+    """``input_ids != c`` / ``== c`` from which another embedding lookup's indices are computed (the padding
+    test of RoBERTa-style position ids)."""
+    tests = set()
+    for user in ids.users:
+        if user.target in (aten.ne.Scalar, aten.eq.Scalar) and not is_join(user):
+            reached = _input_region(user, anchor)
+            if any(n.target == aten.embedding.default and n.args[1] in reached | {user} for n in reached):
+                tests.add(user)
+    return frozenset(tests)
 
 
 def _after(node: fx.Node) -> fx.Node:
@@ -233,13 +253,16 @@ class VirtualTokens(Method):
             extended.append(labels)  # a causal LM's labels: HF relates their length to S only by a product
             lengths.add(_seq_expr(labels))
         sizes = [size for length in lengths for size in _seq_sizes(gm.graph, length)]
-        region = _input_region(ids, anchor)
+        tests = _padding_tests(ids, anchor)
+        region = _input_region(ids, anchor, stop=tests)
         output = next(node for node in gm.graph.nodes if node.op == "output")
         outputs = [leaf for leaf in dict.fromkeys(_leaves(output.args)) if _has_seq_dim(leaf, seq)]
         for size in sizes:
             self._widen_size(editor, size, n, region)
         for placeholder in extended:
             self._pad_input(editor, placeholder, n)
+        for test in tests:
+            self._no_padding(editor, test, n)
         self._prepend(editor, site, anchor, config)
         if config["strip"]:
             self._strip(editor, output, outputs, n)
@@ -249,6 +272,17 @@ class VirtualTokens(Method):
         base = editor.value_at(size)
         with editor.before(_after(base)):
             _join(editor, base, operator.add, base, n, keep=lambda user: user in region)
+
+    @staticmethod
+    def _no_padding(editor: Editor, test: fx.Node, n: int) -> None:
+        """``input_ids != pad`` (B, S) -> True (B, n + S) (``== pad``: False): every position is a token, as
+        when the model is called with ``inputs_embeds``; two joins, so deactivation restores the test."""
+        token = test.target == aten.ne.Scalar
+        with editor.before(_after(test)):
+            filled = _join(editor, test, aten.fill.Scalar, test, token)                       # (B, S)
+            batch = editor.call(aten.sym_size.int, test, 0)
+            prefix = editor.call(aten.full.default, [batch, n], token, dtype=torch.bool)    # (B, n)
+            _prepend_join(editor, filled, prefix, n)                                        # (B, n + S)
 
     def _pad_input(self, editor: Editor, placeholder: fx.Node, n: int) -> None:
         name = placeholder.name

@@ -42,7 +42,6 @@ NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
 _EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
-_POSITIONS = "position ids derived from input_ids keep the unprompted length"
 _MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("convnext", "adapter"): ("a layer_scale multiply sits between the FFN output and the residual add, and the value "
@@ -55,9 +54,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("mpnet", "prefix"): _EAGER_ATTN.format("matmul + relative position bias"),
     ("bloom", "prefix"): _EAGER_ATTN.format("baddbmm with ALiBi"),
     ("gemma2", "prefix"): _EAGER_ATTN.format("eager with tanh soft-capping"),
-    ("roberta", "prompt"): _POSITIONS,
-    ("xlm-roberta", "prompt"): _POSITIONS,
-    ("mpnet", "prompt"): _POSITIONS,
     **{("wav2vec2", cell): "graftlib cannot synthesise trace inputs for input_values"
        for cell in ("trace", "lora", "adapter", "prefix", "merge+onnx", "save/load")},
 }
