@@ -106,6 +106,9 @@ class Block:
     x: fx.Node            # the residual input (the add's other operand)
     add: fx.Node          # the residual add (a base-graph node)
     norm: fx.Node | None  # post-LN: the norm reading the add; None for pre-LN / no norm
+    #: the permutation taking the add's layout to the projection's where ``f`` was permuted back before the
+    #: add (ConvNeXt: (B, C, H, W) -> (B, H, W, C)); None when both have the projection's width last
+    perm: tuple[int, ...] | None = None
 
     @property
     def post_ln(self) -> bool:
@@ -156,8 +159,8 @@ def locate_block(anchor: fx.Node) -> Block:
     for _ in range(_MAX_STEPS):
         users = _plain_users(node)
         if len(users) > 1 and (found := _past_norm_or_scale(node, anchor)) is not None:
-            f, add, x = found  # the branches are a norm's (RMSNorm reads its input twice)
-            return Block(anchor, f, x, add, _post_norm(add, x))
+            f, add, x, perm = found  # the branches are a norm's (RMSNorm reads its input twice)
+            return Block(anchor, f, x, add, _post_norm(add, x, anchor), perm)
         if len(users) != 1:
             listed = ", ".join(_op_name(u) for u in users) or "nothing"
             raise BlockError(walked + [f"({len(users)} readers: {listed})"],
@@ -167,12 +170,12 @@ def locate_block(anchor: fx.Node) -> Block:
         if user.target == aten.add.Tensor:
             x = _residual_operand(user, node)
             if x is not None:
-                return Block(anchor, node, x, user, _post_norm(user, x))
+                return Block(anchor, node, x, user, _post_norm(user, x, anchor), _channels_back(node, anchor))
         elif user.target not in SHAPE_OPS and user.target not in _DROPOUTS:
             found = _past_norm_or_scale(node, anchor)
             if found is not None:
-                f, add, x = found
-                return Block(anchor, f, x, add, _post_norm(add, x))
+                f, add, x, perm = found
+                return Block(anchor, f, x, add, _post_norm(add, x, anchor), perm)
             break
         node = join_chain_end(user)
     raise BlockError(walked, "no residual add (x + f) where the projection's output enters the block")
@@ -195,12 +198,38 @@ def _parameter_only(node: Any, memo: dict[fx.Node, bool]) -> bool:
     return memo[node]
 
 
-def _past_norm_or_scale(start: fx.Node, anchor: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """``(f, add, x)`` when the sublayer output reaches its residual add through a norm (Gemma2's
+def _channels_back(f: fx.Node, anchor: fx.Node) -> tuple[int, ...] | None:
+    """For ``f = permute(g, dims)`` moving `g`'s last dim, the projection's width (ConvNeXt's channels-last
+    MLP permuted back to channels-first), possibly followed by same-shape ops (a channels-first scale): the
+    inverse permutation, taking the add's layout to `g`'s. Found by the permute, not by shapes (C may equal W)."""
+    width = getattr(anchor.meta.get("val"), "shape", (None,))[-1]
+    shape = getattr(f.meta.get("val"), "shape", None)
+    for _ in range(_MAX_STEPS):
+        if f is anchor or is_join(f) or f.target == aten.permute.default:   # between the projection and the add
+            break
+        same = [i for i in f.all_input_nodes if getattr(i.meta.get("val"), "shape", None) == shape
+                and i.op != "get_attr"]
+        if len(same) != 1:
+            return None
+        f = same[0]
+    g = f.args[0].meta.get("val") if f.target == aten.permute.default else None
+    if not isinstance(g, torch.Tensor) or g.shape[-1] != width:
+        return None
+    dims = [d % g.dim() for d in f.args[1]]
+    if dims[-1] == g.dim() - 1:
+        return None                                  # the width stays last (a head / window shuffle)
+    return tuple(sorted(range(len(dims)), key=dims.__getitem__))
+
+
+def _past_norm_or_scale(start: fx.Node, anchor: fx.Node
+                        ) -> tuple[fx.Node, fx.Node, fx.Node, tuple[int, ...] | None] | None:
+    """``(f, add, x, perm)`` when the sublayer output reaches its residual add through a norm (Gemma2's
     post-feed-forward RMSNorm) or a scale by parameters (a layer scale, a residual multiplier): the
     nodes computed from `start` are only norm / scale / shape ops, multiplied by themselves or by
     parameter-only values, until an add whose other operand is not from `start` (the residual ``x``).
-    ``f`` is the value entering that add, and keeps the projection's width; None otherwise."""
+    ``f`` is the value entering that add, and keeps the projection's width last, or is a permute of a
+    value that does (ConvNeXt's layer scale then channels-first permute: ``perm`` takes it back); None
+    otherwise."""
     region, memo = {start}, {}
     node = start.next
     for _ in range(_REGION_NODES):
@@ -218,8 +247,10 @@ def _past_norm_or_scale(start: fx.Node, anchor: fx.Node) -> tuple[fx.Node, fx.No
                 if not all(isinstance(v, torch.Tensor) for v in vals):
                     return None
                 width, f_val, x_val = vals
-                same = f_val.shape[-1] == width.shape[-1] and f_val.dim() == x_val.dim()
-                return (f, node, x) if same else None
+                if f_val.dim() != x_val.dim():
+                    return None
+                perm = _channels_back(f, anchor)
+                return (f, node, x, perm) if perm is not None or f_val.shape[-1] == width.shape[-1] else None
             if node.target in (aten.mul.Tensor, aten.div.Tensor) and not all(_parameter_only(a, memo) for a in outside):
                 return None  # a gate computed from the input (a gated shared expert), not a scale
             region.add(node)
@@ -227,14 +258,39 @@ def _past_norm_or_scale(start: fx.Node, anchor: fx.Node) -> tuple[fx.Node, fx.No
     return None
 
 
-def _post_norm(add: fx.Node, x: fx.Node) -> fx.Node | None:
-    """The norm after the add in a post-LN block, else None (pre-LN: the sublayer read a norm of x)."""
-    if any(_is_norm(u) for u in _norm_readers(x)):
+def _post_norm(add: fx.Node, x: fx.Node, anchor: fx.Node) -> fx.Node | None:
+    """The norm after the add in a post-LN block, else None (pre-LN: the sublayer read a norm of x, or
+    normalises on its way from x to the projection, as ConvNeXt's depthwise conv -> LayerNorm)."""
+    if any(_is_norm(u) for u in _norm_readers(x)) or _norm_inside(anchor, x):
         return None
     readers = _norm_readers(join_chain_end(add))
     if len(readers) == 1 and _is_norm(readers[0]):
         return readers[0]
     return None
+
+
+def _norm_inside(anchor: fx.Node, x: fx.Node, limit: int = 24) -> bool:
+    """Whether a norm lies on the sublayer's path from its input `x` to the projection `anchor`."""
+    frontier, seen = list(anchor.all_input_nodes), set()
+    while frontier and len(seen) < limit:
+        node = frontier.pop()
+        if node is x or node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if _is_norm(node) and x in _ancestors(node, limit):
+            return True
+        frontier.extend(node.all_input_nodes)
+    return False
+
+
+def _ancestors(node: fx.Node, limit: int) -> set[fx.Node]:
+    found, frontier = set(), [node]
+    while frontier and len(found) < limit:
+        for i in frontier.pop().all_input_nodes:
+            if i not in found:
+                found.add(i)
+                frontier.append(i)
+    return found
 
 
 def first_user(node: fx.Node) -> fx.Node:
@@ -481,7 +537,12 @@ class Adapter(Method):
                       editor.param("up_weight", self._init(config, site, "up_weight", lambda: torch.zeros(hidden, m))),
                       editor.param("up_bias", self._init(config, site, "up_bias", lambda: torch.zeros(hidden))))
             u = bottleneck_input(editor, block, spec["kind"], state)
+            if block.perm is not None:                      # channels-first add: B runs channels-last
+                u = editor.call(aten.permute.default, u, list(block.perm))
             up = bottleneck_up(editor, u, params, spec["act"], spec["scale"], role="up")
+            if block.perm is not None:
+                back = sorted(range(len(block.perm)), key=block.perm.__getitem__)
+                up = editor.call(aten.permute.default, up, back, role="up")
             join = editor.join(state, aten.add.Tensor, state, up)
         graft_tag(join)["bottleneck"] = {**spec, "m": m, "post_ln": block.post_ln}
 

@@ -152,6 +152,9 @@ class Fusion(Method):
     # -- rewrite -----------------------------------------------------------------------------
     def rewrite(self, editor: Editor, site: Site, config: dict[str, Any]) -> None:
         block = locate_block(editor.anchor)
+        if block.perm is not None:
+            raise GraftError(f"fusion at {site.key}: the residual add there is channels-first (ConvNeXt: the "
+                             "branch runs permuted); fusing adapters at such a block is not supported yet")
         names = config["adapters"]
         joins = _fused_joins(block, names, site)
         first = min(joins.values(), key=lambda pair: pair[0])[1]

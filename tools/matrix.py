@@ -44,8 +44,6 @@ NO_ATTENTION = {"resnet", "convnext"}
 _EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
 _MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("convnext", "adapter"): ("a layer_scale multiply sits between the FFN output and the residual add, and the value "
-                              "entering the add is channels-first (permuted back), not the projection's width"),
     ("falcon", "adapter"): "parallel attention + MLP block: the MLP output is added to the attention output first",
     ("qwen2-moe", "adapter"): "the shared expert is gated (sigmoid) before the residual add",
     ("mixtral", "adapter"): _MOE,
