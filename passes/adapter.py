@@ -109,6 +109,9 @@ class Block:
     #: the permutation taking the add's layout to the projection's where ``f`` was permuted back before the
     #: add (ConvNeXt: (B, C, H, W) -> (B, H, W, C)); None when both have the projection's width last
     perm: tuple[int, ...] | None = None
+    #: a parallel block (GPT-J, Falcon, GPT-NeoX): the other sublayer's output, added to f before ``x``
+    #: (``a = (f + sibling) + x``); None for a sequential block
+    sibling: fx.Node | None = None
 
     @property
     def post_ln(self) -> bool:
@@ -167,9 +170,12 @@ def locate_block(anchor: fx.Node) -> Block:
                              "no residual add: the projection's output branches before any add")
         user = users[0]
         walked.append(_op_name(user))
-        if user.target == aten.add.Tensor:
+        if user.target in _ADDS:
             x = _residual_operand(user, node)
-            if x is not None:
+            if x is not None and (parallel := _parallel_residual(user, x)) is not None:
+                outer, residual = parallel
+                return Block(anchor, node, residual, outer, _post_norm(outer, residual, anchor), sibling=x)
+            if x is not None and user.target == aten.add.Tensor:
                 return Block(anchor, node, x, user, _post_norm(user, x, anchor), _channels_back(node, anchor))
         elif user.target not in SHAPE_OPS and user.target not in _DROPOUTS:
             found = _past_norm_or_scale(node, anchor)
@@ -179,6 +185,29 @@ def locate_block(anchor: fx.Node) -> Block:
             break
         node = join_chain_end(user)
     raise BlockError(walked, "no residual add (x + f) where the projection's output enters the block")
+
+
+_ADDS = {aten.add.Tensor, aten.add_.Tensor}
+
+
+def _parallel_residual(add: fx.Node, other: fx.Node, limit: int = 512) -> tuple[fx.Node, fx.Node] | None:
+    """(outer add, residual x) when ``add = f + other`` is a parallel block's sum of sublayer outputs: its
+    value (through dropout / shape ops) is added to an ``x`` that `other` was computed from (Falcon's
+    ``x + dropout(mlp + attn)``, GPT-J's ``attn + mlp + x``). In a sequential block the next add's other
+    operand is computed from this one, never an ancestor of `other`."""
+    node = add
+    for _ in range(_MAX_STEPS):
+        users = _plain_users(node)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.target == aten.add.Tensor:
+            x = _residual_operand(user, node)
+            return (user, x) if x is not None and x in _ancestors(other, limit) else None
+        if user.target not in SHAPE_OPS and user.target not in _DROPOUTS:
+            return None
+        node = user
+    return None
 
 
 _REGION_OPS = _NORMS | _DROPOUTS | SHAPE_OPS | {
@@ -291,6 +320,15 @@ def _ancestors(node: fx.Node, limit: int) -> set[fx.Node]:
                 found.add(i)
                 frontier.append(i)
     return found
+
+
+def _branch_point(block: Block, join_point: fx.Node, kind: str) -> fx.Node:
+    """Where the branch is computed: before the join, or, where the sibling's sum overwrites f in place
+    (Falcon's ``mlp_output += attn``), before that op, while f is still f."""
+    inplace = [u for u in block.f.users if u.target == aten.add_.Tensor and u.args[0] is block.f]
+    if inplace and block.norm is None and kind != "parallel":
+        return inplace[0]
+    return join_point
 
 
 def first_user(node: fx.Node) -> fx.Node:
@@ -531,7 +569,8 @@ class Adapter(Method):
         spec = bottleneck_spec(config)
         hidden, m = site.out_features, self.width(site, config)
         state = join_chain_end(block.add)
-        with editor.before(first_user(state)):
+        join_point = first_user(state)          # before the branch's own readers of state (LN(state)) exist
+        with editor.before(_branch_point(block, join_point, spec["kind"])):
             params = (editor.param("down_weight", self._init(config, site, "down_weight", lambda: _kaiming((m, hidden)))),
                       editor.param("down_bias", self._init(config, site, "down_bias", lambda: torch.zeros(m))),
                       editor.param("up_weight", self._init(config, site, "up_weight", lambda: torch.zeros(hidden, m))),
@@ -543,6 +582,7 @@ class Adapter(Method):
             if block.perm is not None:
                 back = sorted(range(len(block.perm)), key=block.perm.__getitem__)
                 up = editor.call(aten.permute.default, up, back, role="up")
+        with editor.before(join_point):
             join = editor.join(state, aten.add.Tensor, state, up)
         graft_tag(join)["bottleneck"] = {**spec, "m": m, "post_ln": block.post_ln}
 

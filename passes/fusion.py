@@ -155,6 +155,9 @@ class Fusion(Method):
         if block.perm is not None:
             raise GraftError(f"fusion at {site.key}: the residual add there is channels-first (ConvNeXt: the "
                              "branch runs permuted); fusing adapters at such a block is not supported yet")
+        if block.sibling is not None and any(u.target == aten.add_.Tensor for u in block.f.users):
+            raise GraftError(f"fusion at {site.key}: the sublayer output is summed in place with the parallel "
+                             "sublayer's (Falcon's mlp_output += attn); fusing adapters there is not supported yet")
         names = config["adapters"]
         joins = _fused_joins(block, names, site)
         first = min(joins.values(), key=lambda pair: pair[0])[1]
@@ -179,7 +182,7 @@ class Fusion(Method):
         if not config["residual_before"]:
             return state, stacked
         r = block.x if kind == "parallel" else block.f
-        if state is block.add:
+        if state is block.add and block.sibling is None:
             base = block.f if kind == "parallel" else block.x                         # s - r, exactly
         else:
             base = editor.call(aten.sub.Tensor, state, r)
