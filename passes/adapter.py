@@ -51,6 +51,7 @@ again when the graft is replayed on a fresh trace, e.g. by ``graftlib.load``).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -162,8 +163,8 @@ def locate_block(anchor: fx.Node) -> Block:
     for _ in range(_MAX_STEPS):
         users = _plain_users(node)
         if len(users) > 1 and (found := _past_norm_or_scale(node, anchor)) is not None:
-            f, add, x, perm = found  # the branches are a norm's (RMSNorm reads its input twice)
-            return Block(anchor, f, x, add, _post_norm(add, x, anchor), perm)
+            f, add, x, perm, sibling = found  # the branches are a norm's (RMSNorm reads its input twice)
+            return Block(anchor, f, x, add, _post_norm(add, x, anchor), perm, sibling)
         if len(users) != 1:
             listed = ", ".join(_op_name(u) for u in users) or "nothing"
             raise BlockError(walked + [f"({len(users)} readers: {listed})"],
@@ -180,8 +181,8 @@ def locate_block(anchor: fx.Node) -> Block:
         elif user.target not in SHAPE_OPS and user.target not in _DROPOUTS:
             found = _past_norm_or_scale(node, anchor)
             if found is not None:
-                f, add, x, perm = found
-                return Block(anchor, f, x, add, _post_norm(add, x, anchor), perm)
+                f, add, x, perm, sibling = found
+                return Block(anchor, f, x, add, _post_norm(add, x, anchor), perm, sibling)
             break
         node = join_chain_end(user)
     raise BlockError(walked, "no residual add (x + f) where the projection's output enters the block")
@@ -214,7 +215,7 @@ _REGION_OPS = _NORMS | _DROPOUTS | SHAPE_OPS | {
     aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
     aten.rsqrt.default, aten.sqrt.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
     aten.type_as.default}
-_REGION_NODES = 48
+_REGION_NODES = 256
 
 
 def _parameter_only(node: Any, memo: dict[fx.Node, bool]) -> bool:
@@ -251,15 +252,18 @@ def _channels_back(f: fx.Node, anchor: fx.Node) -> tuple[int, ...] | None:
 
 
 def _past_norm_or_scale(start: fx.Node, anchor: fx.Node
-                        ) -> tuple[fx.Node, fx.Node, fx.Node, tuple[int, ...] | None] | None:
-    """``(f, add, x, perm)`` when the sublayer output reaches its residual add through a norm (Gemma2's
+                        ) -> tuple[fx.Node, fx.Node, fx.Node, tuple[int, ...] | None, fx.Node | None] | None:
+    """``(f, add, x, perm, sibling)`` when the sublayer output reaches its residual add through a norm (Gemma2's
     post-feed-forward RMSNorm) or a scale by parameters (a layer scale, a residual multiplier): the
     nodes computed from `start` are only norm / scale / shape ops, multiplied by themselves or by
     parameter-only values, until an add whose other operand is not from `start` (the residual ``x``).
     ``f`` is the value entering that add, and keeps the projection's width last, or is a permute of a
-    value that does (ConvNeXt's layer scale then channels-first permute: ``perm`` takes it back); None
-    otherwise."""
+    value that does (ConvNeXt's layer scale then channels-first permute: ``perm`` takes it back). A gate
+    computed from the input is accepted only where the gated value is then summed with a sibling output
+    that is not the residual (Qwen2-MoE's ``sigmoid(gate(h)) * shared_expert(h) + experts(h)``): ``f`` is
+    then the whole sum entering the add (the MoE block's output). None otherwise."""
     region, memo = {start}, {}
+    gated, sibling = False, None
     node = start.next
     for _ in range(_REGION_NODES):
         if node.op == "output":
@@ -272,6 +276,13 @@ def _past_norm_or_scale(start: fx.Node, anchor: fx.Node
             if node.target == aten.add.Tensor and len(inside) == 1 and len(outside) == 1 \
                     and not _parameter_only(outside[0], memo):
                 f, x = inside[0], outside[0]
+                if gated and x not in _ancestors(anchor, 4096):      # the routed experts' output
+                    sibling = x
+                    region.add(node)
+                    node = node.next
+                    continue
+                if gated and sibling is None:
+                    return None  # a gate computed from the input, then the residual: not a scale
                 vals = [n.meta.get("val") for n in (anchor, f, x)]
                 if not all(isinstance(v, torch.Tensor) for v in vals):
                     return None
@@ -279,9 +290,10 @@ def _past_norm_or_scale(start: fx.Node, anchor: fx.Node
                 if f_val.dim() != x_val.dim():
                     return None
                 perm = _channels_back(f, anchor)
-                return (f, node, x, perm) if perm is not None or f_val.shape[-1] == width.shape[-1] else None
+                keeps = perm is not None or f_val.shape[-1] == width.shape[-1]
+                return (f, node, x, perm, sibling) if keeps else None
             if node.target in (aten.mul.Tensor, aten.div.Tensor) and not all(_parameter_only(a, memo) for a in outside):
-                return None  # a gate computed from the input (a gated shared expert), not a scale
+                gated = True  # a gate computed from the input: only a gated shared expert goes on (above)
             region.add(node)
         node = node.next
     return None
@@ -313,9 +325,10 @@ def _norm_inside(anchor: fx.Node, x: fx.Node, limit: int = 24) -> bool:
 
 
 def _ancestors(node: fx.Node, limit: int) -> set[fx.Node]:
-    found, frontier = set(), [node]
+    """Up to `limit` nodes `node` is computed from, nearest first."""
+    found, frontier = set(), collections.deque([node])
     while frontier and len(found) < limit:
-        for i in frontier.pop().all_input_nodes:
+        for i in frontier.popleft().all_input_nodes:
             if i not in found:
                 found.add(i)
                 frontier.append(i)

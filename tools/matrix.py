@@ -44,7 +44,6 @@ NO_ATTENTION = {"resnet", "convnext"}
 _EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
 _MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("qwen2-moe", "adapter"): "the shared expert is gated (sigmoid) before the residual add",
     ("mixtral", "adapter"): _MOE,
     ("olmoe", "adapter"): _MOE,
     ("deberta-v2", "prefix"): _EAGER_ATTN.format("3-D bmm over batch x heads"),
