@@ -184,16 +184,19 @@ def _is_terminal(stream: Any) -> bool:
 
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence torch.onnx's per-step prints and its torchvision/deprecation warnings."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence torch.onnx's per-step prints and its torchvision/deprecation warnings (and onnx_ir's notes on
+    empty attribute lists, e.g. the MoE models' ``new_ones(x, [])`` in their causal masks)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # -- preparing the module -------------------------------------------------------------------------
