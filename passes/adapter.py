@@ -533,6 +533,11 @@ class Adapter(Method):
                 mapped = _ALIASES.get(target.text)
                 if mapped and exc.column == target.column:
                     reason = exc.reason.replace(f"alias {mapped!r}", f"{target.text!r} (its {mapped!r} projection)")
+                    stacks = [site.key for site in index.sites if site.kind == "experts"]
+                    if mapped == "down" and stacks:
+                        reason += (f". Its feed-forward layers are mixtures of experts stored as 3-D stacks "
+                                   f"({stacks[0]}, ...) with no 2-D projection leading to the residual add: "
+                                   "adapt the experts with lora(experts)")
                     raise GraftSpecError(reason, exc.spec, exc.column) from None
             raise
 

@@ -55,3 +55,9 @@ def test_adapter_over_a_gated_shared_expert_by_hand(kind: str) -> None:
     torch.testing.assert_close(got, _by_hand(model, g, kind, inputs), rtol=1e-5, atol=1e-5)
     with g.disable_adapters(), torch.no_grad():
         assert torch.equal(g(**inputs).last_hidden_state, base)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_experts_without_a_shared_expert_point_to_lora_experts(family: str) -> None:
+    with pytest.raises(graftlib.GraftSpecError, match=r"mixtures of experts stored as 3-D stacks .* lora\(experts\)"):
+        graftlib.apply(build_family(family), "adapter(ffn, m=4)")

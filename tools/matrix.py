@@ -42,7 +42,8 @@ NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
 _EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
-_MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
+_MOE = ("experts are one 3-D parameter and no 2-D projection (a shared expert) leads to the MoE block's residual add; "
+        "lora(experts) adapts the stacks themselves")
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("mixtral", "adapter"): _MOE,
     ("olmoe", "adapter"): _MOE,
