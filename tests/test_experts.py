@@ -185,3 +185,25 @@ def test_features_that_cannot_hold_expert_factors_say_so(use, match: str) -> Non
     g = graftlib.apply(HandMoE(False), f"{SPEC} + lora(experts, r=2, name=b)", example_inputs=(X,)).eval()
     with pytest.raises(graftlib.GraftError, match=match):
         use(g)
+
+
+@pytest.mark.parametrize("family, stack", [("mixtral", "down_proj"), ("mixtral", "gate_up_proj"),
+                                           ("qwen2-moe", "down_proj"), ("olmoe", "gate_up_proj")])
+def test_equals_peft_target_parameters(family: str, stack: str) -> None:
+    """PEFT as referee: ``LoraConfig(target_parameters=["mlp.experts.<stack>"])`` (its ParamWrapper) with the
+    same factors equals the expert sites selected by name (one stack per module, as PEFT allows)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, inputs = _family_model(family, "grouped_mm"), family_inputs(family)
+    g = graftlib.apply(model, f"lora(experts.{stack}, r={R}, alpha={ALPHA})").eval()
+    assert g.sites() == [f"layers.{i}.mlp.experts.{stack}" for i in range(2)]
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=[f"mlp.experts.{stack}"])
+    peft_model = get_peft_model(copy.deepcopy(model), config).eval()
+    _randomise(g)
+    with torch.no_grad():
+        for key, params in g.store.tensors("default").items():
+            owner = key.rsplit(".", 1)[0]
+            for name in ("lora_A", "lora_B"):
+                peft_model.get_parameter(f"base_model.model.{owner}.{name}.default.weight").copy_(params[name])
+        diff = max_diff(g(**inputs), peft_model(**inputs))
+    assert diff < 1e-5, diff
