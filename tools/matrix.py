@@ -58,8 +58,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("roberta", "prompt"): _POSITIONS,
     ("xlm-roberta", "prompt"): _POSITIONS,
     ("mpnet", "prompt"): _POSITIONS,
-    **{("wav2vec2", cell): "graftlib cannot synthesise trace inputs for input_values"
-       for cell in ("trace", "lora", "adapter", "prefix", "merge+onnx", "save/load")},
 }
 
 SPECS = {"lora": "lora(q,v,r=4)", "adapter": "adapter(ffn,m=4)", "prefix": "prefix(n=2)", "prompt": "prompt(n=2)"}
