@@ -56,7 +56,7 @@ from graftlib.sites import Site
 from graftlib.spec import GraftCall
 
 from .prefix_find import PASS_THROUGH, AttentionCall, arg, find_attention, is_tagged
-from .prefix_widen import MAXINT, join_into, widen, widen_scores
+from .prefix_widen import MAXINT, join_into, widen_mask, widen_scores
 
 if TYPE_CHECKING:
     from graftlib.grafted import Grafted, GraftRecord
@@ -236,9 +236,9 @@ class Prefix(Method):
             return
         node = call.node
         mask = arg(node, 3, "attn_mask", None)
+        if isinstance(mask, fx.Node):
+            widen_mask(editor, mask, node, True if mask.meta["val"].dtype == torch.bool else 0.0, n)
         with editor.before(node):
-            if isinstance(mask, fx.Node):
-                widen(editor, mask, node, True if mask.meta["val"].dtype == torch.bool else 0.0, n)
             causal = bool(arg(node, 5, "is_causal", False))
             if causal:  # n dummy queries in front keep the top-left causal triangle right
                 join_into(editor, call.query, node, aten.constant_pad_nd.default, call.query, [0, 0, n, 0], 0.0)

@@ -29,7 +29,7 @@ from graftlib.errors import GraftError
 
 from .prefix_find import UNARY_SCORE_OPS, VIEWS, AttentionCall, base_value
 
-__all__ = ["join_into", "widen", "widen_scores", "recompute", "mask_source", "MAXINT"]
+__all__ = ["join_into", "widen", "widen_mask", "widen_scores", "recompute", "mask_source", "MAXINT"]
 
 aten = torch.ops.aten
 MAXINT = 9223372036854775807
@@ -208,13 +208,18 @@ def _drop(editor: Editor, keep: list[fx.Node]) -> None:
 
 
 # -- the score and probability paths ------------------------------------------------------------------
-def _widen_operand(editor: Editor, node: fx.Node, operand: fx.Node, previous: fx.Node, n: int) -> None:
-    site = editor.site.path
+def widen_mask(editor: Editor, operand: fx.Node, user: fx.Node, neutral: Any, n: int) -> None:
+    """`operand` (read by `user`) with n more key columns: recomputed from the mask when it is derived from
+    it (a mask, a sliding window, ALiBi), else padded with `neutral`."""
     mask = mask_source(operand)
-    if mask is not None and recompute(editor, operand, mask, node, n):
+    if mask is not None and recompute(editor, operand, mask, user, n):
         return
-    with editor.before(node):
-        widen(editor, operand, node, _neutral(node, operand, previous, site), n)
+    with editor.before(user):
+        widen(editor, operand, user, neutral, n)
+
+
+def _widen_operand(editor: Editor, node: fx.Node, operand: fx.Node, previous: fx.Node, n: int) -> None:
+    widen_mask(editor, operand, node, _neutral(node, operand, previous, editor.site.path), n)
 
 
 def widen_scores(editor: Editor, call: AttentionCall, n: int) -> None:

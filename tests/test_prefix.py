@@ -529,12 +529,15 @@ def test_peft_interop_errors():
 # (family, options): BLOOM 3-D baddbmm + ALiBi from the mask; Gemma2 tanh soft-capping, GQA, sliding
 # windows (16: wider than prefix + tokens; 4: hides the prefix from later queries); DeBERTa-v2 3-D bmm
 # over batch x heads + c2p / p2c relative terms and explicit key-length views; MPNet matmul + in-place
-# relative position bias. References: PEFT's prefix tuning where the model takes a cache (BLOOM,
-# Gemma2); by hand where it does not (DeBERTa-v2 and MPNet ignore or reject past_key_values).
-EAGER_CASES = [("bloom", {}), ("gemma2", {}), ("gemma2", {"sliding_window": 4}), ("deberta-v2", {}), ("mpnet", {})]
-EAGER_IDS = ["bloom", "gemma2", "gemma2-window4", "deberta-v2", "mpnet"]
-PEFT_FAMILIES = {"bloom", "gemma2"}
-DECODERS = {"bloom", "gemma2"}
+# relative position bias; and Mistral's SDPA with a 4-token sliding window (its mask is recomputed the
+# same way). References: PEFT's prefix tuning where the model takes a cache (BLOOM, Gemma2, Mistral);
+# by hand where it does not (DeBERTa-v2 and MPNet ignore or reject past_key_values).
+EAGER_CASES = [("bloom", {}), ("gemma2", {}), ("gemma2", {"sliding_window": 4}), ("deberta-v2", {}), ("mpnet", {}),
+               ("mistral", {"sliding_window": 4})]
+EAGER_IDS = ["bloom", "gemma2", "gemma2-window4", "deberta-v2", "mpnet", "mistral-sdpa-window4"]
+PEFT_FAMILIES = {"bloom", "gemma2", "mistral"}
+DECODERS = {"bloom", "gemma2", "mistral"}
+ROTARY = {"gemma2", "mistral"}                   # PEFT offsets their positions: peft_positions=true
 _eager_cache: dict[tuple, tuple] = {}
 
 
@@ -555,7 +558,7 @@ def _eager_grafted(family: str, options: dict) -> tuple[torch.nn.Module, graftli
     key = (family, tuple(sorted(options.items())))
     if key not in _eager_cache:
         model = _family_model(family, options)
-        spec = f"prefix(n={N}, peft_positions=true)" if family == "gemma2" else f"prefix(n={N})"
+        spec = f"prefix(n={N}, peft_positions=true)" if family in ROTARY else f"prefix(n={N})"
         _eager_cache[key] = (model, graftlib.apply(model, spec).eval())
     return _eager_cache[key]
 
