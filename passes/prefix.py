@@ -10,12 +10,13 @@ At each attention call, with learned per-layer prefixes ``Pk, Pv`` of shape ``(n
 on the key axis (dim -2); ``[1 | mask]`` adds n visible columns on the left of the mask (``True`` for a
 boolean mask, ``0.0`` for an additive one). Eager attention is any ``scores -> softmax -> values``
 pattern (``passes/prefix_find.py``): matmul / bmm / baddbmm, then scale, masks, biases, ALiBi, tanh
-soft-capping, views, in any order. Its key-axis operands are widened as the eager model given a cache
-of n prefix tokens computes them (``passes/prefix_widen.py``): a mask, sliding window or ALiBi derived
-from the 2-D attention mask is recomputed from ``[1 ... 1 | mask]`` (BLOOM's ALiBi puts the prefix at
-positions 0 .. n-1 and the tokens after it, Gemma2's sliding window hides prefix keys from queries
-further than the window, as PEFT's cache does); a learned relative-position bias (T5, DeBERTa's c2p /
-p2c, MPNet) is 0 on the prefix columns; views naming the key length grow by n.
+soft-capping, views, in any order. Its key-axis operands (and an SDPA mask) are widened as the eager
+model given a cache of n prefix tokens computes them (``passes/prefix_widen.py``): a mask, sliding
+window or ALiBi derived from the 2-D attention mask is recomputed from ``[1 ... 1 | mask]`` (BLOOM's
+ALiBi puts the prefix at positions 0 .. n-1 and the tokens after it; a sliding window, Gemma2's or
+Mistral's, hides prefix keys from queries further than the window, as PEFT's cache does); a learned
+relative-position bias (T5, DeBERTa's c2p / p2c, MPNet) is 0 on the prefix columns; views naming the
+key length grow by n.
 
 Causal SDPA (``is_causal=True``) aligns its triangle top-left, so keys longer than queries would hide the
 prefix. Instead of an explicit mask the rewrite prepends n dummy (zero) queries, keeps ``is_causal``

@@ -103,13 +103,11 @@ def test_sites_and_exact_deactivation(arch):
 
 
 # -- training ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
-def test_training_changes_only_prefix(arch):
-    model, g = _grafted(arch)
+def _check_training_changes_only_prefix(g, inputs: dict, layers: int) -> None:
+    """Two SGD steps in training mode change the prefix parameters (a key and a value per layer) only."""
     prefix = _prefix_params(g)
     assert set(map(id, g.trainable_parameters().values())) == set(map(id, prefix.values()))
     before = {name: p.detach().clone() for name, p in g.named_parameters()}
-    inputs = inputs_for(arch, 2, 6, seed=4)
     optimizer = torch.optim.SGD(g.trainable_parameters().values(), lr=0.1)
     weights = torch.randn(_run(g, inputs).shape[-1], generator=torch.Generator().manual_seed(5))
     g.train()
@@ -122,10 +120,16 @@ def test_training_changes_only_prefix(arch):
         g.eval()
     changed = {name for name, p in g.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {name for name, p in g.named_parameters() if any(p is q for q in prefix.values())}
-    assert len(changed) == 2 * len(SITES[arch])       # a key and a value per layer
+    assert len(changed) == 2 * layers                 # a key and a value per layer
     with torch.no_grad():
         for name, p in g.named_parameters():
             p.copy_(before[name])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_changes_only_prefix(arch):
+    _, g = _grafted(arch)
+    _check_training_changes_only_prefix(g, inputs_for(arch, 2, 6, seed=4), len(SITES[arch]))
 
 
 # -- dynamic shapes ------------------------------------------------------------------------------
@@ -686,6 +690,12 @@ def test_eager_attention_deactivates_bit_for_bit(family, options):
         assert torch.equal(_run(g, inputs), base)
     off, reference = specialise(g.graph, (), False), specialise(g.base_graph, (), False)
     assert op_histogram(off) == op_histogram(reference) and len(off.nodes) == len(reference.nodes)
+
+
+@pytest.mark.parametrize("family", ["bloom", "gemma2", "deberta-v2", "mpnet"])
+def test_eager_attention_training_changes_only_prefix(family):
+    _, g = _eager_grafted(family, {})                  # the training-mode trace replays the graft
+    _check_training_changes_only_prefix(g, _family_padded(family, batch=2, seq=6), 2)
 
 
 def test_bloom_stacked_prefixes_compose_like_one_longer_prefix():
