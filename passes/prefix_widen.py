@@ -151,22 +151,36 @@ def _wide_mask(editor: Editor, mask: fx.Node, n: int) -> fx.Node:
     return wide
 
 
-def _replay(editor: Editor, operand: fx.Node, mask: fx.Node, n: int) -> fx.Node:
-    """`operand`'s producers copied onto ``[1 ... 1 | mask]`` (n ones in front); the copy of `operand`."""
+def _writes_model_value(node: fx.Node, env: dict[fx.Node, fx.Node]) -> bool:
+    """An in-place op whose written tensor is the model's own (not a copy): replaying it would change it."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write and isinstance(node.args[i], fx.Node)
+               and node.args[i] not in env for i, a in enumerate(schema.arguments[:len(node.args)]))
+
+
+def _replay(editor: Editor, operand: fx.Node, mask: fx.Node, n: int) -> fx.Node | None:
+    """`operand`'s producers copied onto ``[1 ... 1 | mask]`` (n ones in front); the copy of `operand`
+    (None where a producer writes in place into a value that is not copied)."""
     ancestors, cone = _ancestors(operand), {mask}
     env: dict[fx.Node, fx.Node] = {mask: _wide_mask(editor, mask, n)}
     for node in operand.graph.nodes:
         if node not in ancestors or node is mask or not any(a in cone for a in node.all_input_nodes):
             continue
+        if _writes_model_value(node, env):
+            return None
         cone.add(node)
         env[node] = editor.call(node.target, *map_arg(node.args, lambda a: env.get(a, a)),
                                 **map_arg(node.kwargs, lambda a: env.get(a, a)))
     return env[operand]
 
 
-def _widened_rows(editor: Editor, copy: fx.Node, operand: fx.Node, n: int) -> fx.Node | None:
+def _widened_rows(editor: Editor, copy: fx.Node | None, operand: fx.Node, n: int) -> fx.Node | None:
     """The copy cut to the operand's query rows (the copy has a row per prefix token too, as if the
     prefix were n more input tokens), or None when its shape is not the operand's plus n key columns."""
+    if copy is None:
+        return None
     new, old = copy.meta.get("val"), operand.meta.get("val")
     if new is None or old is None or new.dim() != old.dim() or str(new.shape[-1]) != str(old.shape[-1] + n):
         return None

@@ -270,11 +270,13 @@ def test_hand_formula_and_stacked_adapters(arch):
 
 
 class _EagerCausal(torch.nn.Module):
-    """Hand-written eager attention: q @ k^T, masked_fill(causal), where(padding), softmax, @ v."""
+    """Hand-written eager attention: q @ k^T, masked_fill(causal), where(padding), softmax, @ v; with
+    `inplace`, the padding is an additive bias written in place (``zeros(B, 1, 1, S).masked_fill_(~pad,
+    min)``): its producers, the in-place write included, are replayed on the widened mask."""
 
-    def __init__(self, dim: int = 32, heads: int = 4):
+    def __init__(self, dim: int = 32, heads: int = 4, inplace: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.inplace = heads, inplace
         self.embed = torch.nn.Embedding(100, dim)
         self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(
             {name: torch.nn.Linear(dim, dim) for name in ("wq", "wk", "wv", "wo")}) for _ in range(2))
@@ -284,10 +286,11 @@ class _EagerCausal(torch.nn.Module):
         b, s, d = x.shape
         pad = attention_mask[:, None, None, :].bool()                          # (B, 1, 1, S)
         hidden = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)   # True: a later token
+        bias = torch.zeros(input_ids.shape[0], 1, 1, input_ids.shape[1]).masked_fill_(~pad, torch.finfo(x.dtype).min)
         for layer, block in enumerate(self.blocks):
             split = lambda t: t.view(b, s, self.heads, -1).transpose(1, 2)     # noqa: E731
             q, k, v = split(block["wq"](x)), split(block["wk"](x)), split(block["wv"](x))
-            causal, visible = hidden, pad
+            causal, visible, additive = hidden, pad, bias
             if prefixes is not None:   # the reference: concatenate by hand, widen both masks by hand
                 p = prefixes[f"blocks.{layer}"]
                 n = p["key"].shape[0]
@@ -295,16 +298,21 @@ class _EagerCausal(torch.nn.Module):
                 v = torch.cat([_heads(p["value"], b, self.heads), v], dim=2)
                 causal = torch.cat([torch.zeros(s, n, dtype=torch.bool), hidden], dim=1)
                 visible = torch.cat([torch.ones(b, 1, 1, n, dtype=torch.bool), pad], dim=-1)
+                additive = F.pad(bias, (n, 0))
             scores = (q @ k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-            scores = torch.where(visible, scores.masked_fill(causal, float("-inf")), torch.finfo(x.dtype).min)
+            if self.inplace:
+                scores = scores.masked_fill(causal, float("-inf")) + additive
+            else:
+                scores = torch.where(visible, scores.masked_fill(causal, float("-inf")), torch.finfo(x.dtype).min)
             att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
             x = x + block["wo"](att)
         return x
 
 
-def test_eager_hand_written_masks():
+@pytest.mark.parametrize("inplace", [False, True], ids=["where", "inplace-bias"])
+def test_eager_hand_written_masks(inplace):
     torch.manual_seed(0)
-    model = _EagerCausal().eval()
+    model = _EagerCausal(inplace=inplace).eval()
     trace_inputs = inputs_for("hand", 2, 7, seed=2)
     g = graftlib.apply(model, f"prefix(n={N})", trace_inputs).eval()
     assert g.records[0].sites == ["blocks.0", "blocks.1"]
