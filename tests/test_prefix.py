@@ -735,8 +735,9 @@ def test_bloom_peft_round_trip_needs_no_position_offset():
             assert torch.equal(value, g.store.tensors("default")[key][name])
 
 
-@pytest.mark.parametrize("family", ["deberta-v2", "bloom"])
+@pytest.mark.parametrize("family", ["deberta-v2", pytest.param("bloom", marks=pytest.mark.slow)])
 def test_eager_attention_onnx_export_verifies(family, tmp_path):
+    """3-D bmm with grown view sizes (DeBERTa-v2), the ALiBi replay (BLOOM, ~15 s: slow) through ONNX."""
     _, g = _eager_grafted(family, {})
     report = graftlib.export_onnx(g, tmp_path / "m.onnx", progress=False, tolerance=1e-4)
     assert max(report.max_abs_diff.values()) < 1e-4
