@@ -3,9 +3,10 @@ attention that is not SDPA: BLOOM (baddbmm + ALiBi), Gemma2 (soft-capping, slidi
 (3-D bmm + disentangled terms), MPNet (relative position bias).
 
 References: the base model (deactivation is exact), a hand-written forward with the prefix concatenated
-by hand (hand models, explicit causal mask), PEFT's PrefixTuning model with the same weights (BERT,
-Llama, GPT-2; SDPA and eager attention), onnxruntime (exported graphs), and properties checked on
-outputs (padding gets no attention, no attention to later tokens, the prefix is visible everywhere).
+by hand (hand models, explicit causal mask; DeBERTa-v2 and MPNet attention patched by hand), PEFT's
+PrefixTuning model with the same weights (BERT, Llama, GPT-2, BLOOM, Gemma2, Mistral and Falcon with
+sliding windows / ALiBi; SDPA and eager attention), onnxruntime (exported graphs), and properties
+checked on outputs (padding gets no attention, no attention to later tokens, the prefix is visible).
 """
 from __future__ import annotations
 
@@ -541,15 +542,16 @@ def test_peft_interop_errors():
 # (family, options): BLOOM 3-D baddbmm + ALiBi from the mask; Gemma2 tanh soft-capping, GQA, sliding
 # windows (16: wider than prefix + tokens; 4: hides the prefix from later queries); DeBERTa-v2 3-D bmm
 # over batch x heads + c2p / p2c relative terms and explicit key-length views; MPNet matmul + in-place
-# relative position bias; and Mistral's SDPA with a 4-token sliding window (its mask is recomputed the
-# same way). References: PEFT's prefix tuning where the model takes a cache (BLOOM, Gemma2, Mistral);
-# by hand where it does not (DeBERTa-v2 and MPNet ignore or reject past_key_values).
+# relative position bias; and two SDPA masks recomputed the same way: Mistral's with a 4-token sliding
+# window, Falcon's with ALiBi folded in. References: PEFT's prefix tuning where the model takes a cache
+# (BLOOM, Gemma2, Mistral, Falcon); by hand where it does not (DeBERTa-v2 and MPNet ignore or reject
+# past_key_values).
 EAGER_CASES = [("bloom", {}), ("gemma2", {}), ("gemma2", {"sliding_window": 4}), ("deberta-v2", {}), ("mpnet", {}),
-               ("mistral", {"sliding_window": 4})]
-EAGER_IDS = ["bloom", "gemma2", "gemma2-window4", "deberta-v2", "mpnet", "mistral-sdpa-window4"]
-PEFT_FAMILIES = {"bloom", "gemma2", "mistral"}
-DECODERS = {"bloom", "gemma2", "mistral"}
-ROTARY = {"gemma2", "mistral"}                   # PEFT offsets their positions: peft_positions=true
+               ("mistral", {"sliding_window": 4}), ("falcon", {"alibi": True})]
+EAGER_IDS = ["bloom", "gemma2", "gemma2-window4", "deberta-v2", "mpnet", "mistral-sdpa-window4", "falcon-sdpa-alibi"]
+PEFT_FAMILIES = {"bloom", "gemma2", "mistral", "falcon"}
+DECODERS = {"bloom", "gemma2", "mistral", "falcon"}
+ROTARY = {"gemma2", "mistral", "falcon"}         # position ids PEFT offsets: peft_positions=true
 _eager_cache: dict[tuple, tuple] = {}
 
 
