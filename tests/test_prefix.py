@@ -738,11 +738,29 @@ def test_bloom_peft_round_trip_needs_no_position_offset():
 
 
 @pytest.mark.parametrize("family", ["deberta-v2", pytest.param("bloom", marks=pytest.mark.slow)])
-def test_eager_attention_onnx_export_verifies(family, tmp_path):
-    """3-D bmm with grown view sizes (DeBERTa-v2), the ALiBi replay (BLOOM, ~15 s: slow) through ONNX."""
-    _, g = _eager_grafted(family, {})
-    report = graftlib.export_onnx(g, tmp_path / "m.onnx", progress=False, tolerance=1e-4)
-    assert max(report.max_abs_diff.values()) < 1e-4
+def test_eager_attention_merge_and_onnx_export_verify(family, tmp_path):
+    """A LoRA beside the prefix merges (the prefix stays) and the whole graft exports to ONNX verified:
+    3-D bmm with grown view sizes (DeBERTa-v2), the ALiBi replay (BLOOM, ~15 s: slow)."""
+    model, g = _eager_grafted(family, {})
+    g.add("lora(q,v,r=2,name=l)")
+    try:
+        with torch.no_grad():
+            for params in g.store.tensors("l").values():
+                params["lora_B"].normal_(0, 0.2, generator=torch.Generator().manual_seed(7))
+        g._invalidate()
+        inputs = _family_padded(family, seq=7)
+        real = inputs["attention_mask"].bool()
+        merged = g.merge()
+        assert "l" not in merged.adapters and "default" in merged.adapters
+        unmerged = _run(g, inputs)
+        torch.testing.assert_close(_run(merged, inputs)[real], unmerged[real], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            assert (unmerged - model(**inputs).last_hidden_state)[real].abs().max() > 1e-2
+        report = graftlib.export_onnx(g, tmp_path / "m.onnx", progress=False, tolerance=1e-4)
+        assert max(report.max_abs_diff.values()) < 1e-4
+    finally:
+        g.delete_adapter("l")
+        g.set_active(["default"])
 
 
 def test_fixed_key_length_is_a_clear_error():
