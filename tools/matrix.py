@@ -41,7 +41,6 @@ NO_TOKENS = {"vision", "audio"}
 NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
-_EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
 _POSITIONS = "position ids derived from input_ids keep the unprompted length"
 _MOE = "experts are one 3-D parameter; no 2-D down projection for the adapter"
 EXCEPTIONS: dict[tuple[str, str], str] = {
@@ -51,10 +50,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("qwen2-moe", "adapter"): "the shared expert is gated (sigmoid) before the residual add",
     ("mixtral", "adapter"): _MOE,
     ("olmoe", "adapter"): _MOE,
-    ("deberta-v2", "prefix"): _EAGER_ATTN.format("3-D bmm over batch x heads"),
-    ("mpnet", "prefix"): _EAGER_ATTN.format("matmul + relative position bias"),
-    ("bloom", "prefix"): _EAGER_ATTN.format("baddbmm with ALiBi"),
-    ("gemma2", "prefix"): _EAGER_ATTN.format("eager with tanh soft-capping"),
     ("roberta", "prompt"): _POSITIONS,
     ("xlm-roberta", "prompt"): _POSITIONS,
     ("mpnet", "prompt"): _POSITIONS,
