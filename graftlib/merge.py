@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from .editor import AdapterParams, SiteParams, graft_tag
+from .editor import AdapterParams, SiteParams, graft_tag, is_join
 from .errors import GraftError
 from .registry import get_method
 from .runtime import copy_graph, deactivate, eliminate_dead_code
@@ -71,6 +71,35 @@ def base_weight(grafted: "GraftedModule", target: str) -> torch.Tensor:
     return get_method(record.method).dequantized_weight(params, tuple(tag["shape"]), record.config).to(dtype)
 
 
+def _is_replacement(node: fx.Node) -> bool:
+    """A join through which an adapter's own tensor replaces a weight (``replace``, PEFT's
+    modules_to_save: ``expand_as(W', W)``)."""
+    return is_join(node) and node.target == aten.expand_as.default and node.args[0].op == "get_attr"
+
+
+def _replacement(graph: fx.Graph, target: str) -> fx.Node | None:
+    """The join through which another adapter's tensor replaces weight `target`, if any."""
+    return next((user for n in graph.nodes if n.op == "get_attr" and n.target == target for user in n.users
+                 if _is_replacement(user) and user.args[1] is n), None)
+
+
+def merged_into(grafted: "GraftedModule", target: str) -> tuple[str | None, torch.Tensor]:
+    """(adapter, tensor) a delta on weight `target` folds into: the weight as the graph reads it
+    (adapter None), or the replacing tensor of an active ``replace`` adapter, which the graph reads
+    instead of the weight (so a LoRA beside it adds to that copy)."""
+    join = _replacement(grafted.graph, target)
+    if join is None:
+        return None, base_weight(grafted, target)
+    adapter = graft_tag(join)["adapter"]
+    if adapter not in grafted.active_adapters:
+        raise GraftError(f"cannot merge into {target}: adapter {adapter!r} replaces that weight but is inactive, "
+                         f"so the merged weight would be wrong whenever it is switched on again; activate it "
+                         f"(g.set_active([..., {adapter!r}])) or delete it (g.delete_adapter({adapter!r})) first")
+    if _rewritten(grafted.graph, target) is not None:
+        raise GraftError(f"cannot merge into {target}: it is both quantised and replaced by adapter {adapter!r}")
+    return adapter, weight_value(grafted.graph_module, str(join.args[0].target))
+
+
 def _bias_target(graph: fx.Graph, index: SiteIndex, site: Site) -> str | None:
     """get_attr target of the bias the site's op adds (linear / conv2d args[2], Conv1D addmm args[0])."""
     ops = site_ops(site, index.anchors.get(site.key, []))
@@ -118,7 +147,7 @@ def _weight_deltas(grafted: "GraftedModule", names: list[str], index: SiteIndex
         tensors = grafted.store.tensors(name)
         for key in record.sites:
             site = index.by_key(key)
-            weight = base_weight(grafted, site.weight)
+            weight = merged_into(grafted, site.weight)[1]
             sites, full, bias_entry = deltas.get(site.path, ([], torch.zeros_like(weight), None))
             bias_name = _bias_target(grafted.graph, index, site)
             if bias_name is not None and bias_entry is None:
@@ -144,6 +173,7 @@ def _shared_elsewhere(graph: fx.Graph, target: str, ops: list[fx.Node]) -> bool:
     # a site anchored at the weight's read itself (an expert stack) owns that read and all its users
     readers = {user for n in graph.nodes if n.op == "get_attr" and n.target == target and n not in ops
                for user in n.users}
+    readers = {r for reader in readers for r in (reader.users if _is_replacement(reader) else (reader,))}
     return bool(readers - {_weight_reader(op)[0] for op in ops if op.op != "get_attr"} - set(ops))
 
 
@@ -176,6 +206,11 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
             if _shared_elsewhere(grafted.graph, sites[0].weight, ops):
                 raise GraftError(f"cannot merge in place into {path}: its weight {sites[0].weight} is tied to "
                                  "another module, which would change too; use merge(inplace=False)")
+    for path, (sites, _, _) in deltas.items():
+        if _replacement(grafted.graph, sites[0].weight) is not None and \
+                _shared_elsewhere(grafted.graph, sites[0].weight, _site_group_ops(grafted.graph, index, sites)):
+            raise GraftError(f"cannot merge into {path}: its weight {sites[0].weight} is tied to another module "
+                             "and replaced by an adapter's copy, which both modules read")
     target = grafted if inplace else grafted._derived(copy_graph(grafted.graph))
     graph = target.graph
     gm = target.graph_module
@@ -185,6 +220,10 @@ def merge_grafted(grafted: "GraftedModule", inplace: bool = False, adapters: Ite
             weight_name = sites[0].weight
             if bias_entry is not None and bias_entry[1].any():
                 _merge_bias(gm, bias_entry, inplace)
+            replacing = merged_into(grafted, weight_name)[0]
+            if replacing is not None:  # the graph reads the replace adapter's copy: the delta goes there
+                _merge_replacement(target, replacing, weight_name, delta, inplace)
+                continue
             if rewritten[path] is not None:
                 new_weight = base_weight(grafted, weight_name) + delta
                 if requantize:
@@ -258,8 +297,23 @@ def _own_site_params(target: "GraftedModule", adapter: str, site: str) -> SitePa
     fresh = SiteParams(site)
     for name, buffer in own[key].named_buffers(recurse=False):
         fresh.register_buffer(name, buffer)
+    for name, param in own[key].named_parameters(recurse=False):
+        fresh.register_parameter(name, param)
     own[key] = fresh
     return fresh
+
+
+def _merge_replacement(target: "GraftedModule", adapter: str, weight_name: str, delta: torch.Tensor,
+                       inplace: bool) -> None:
+    """Add `delta` to the tensor with which `adapter` (``replace``) replaces `weight_name`: in place, or
+    as the merged module's own copy (the source module keeps its tensor)."""
+    holder = target.store[adapter][next(k for k, h in target.store[adapter].items() if h.site_key == weight_name)]
+    if inplace:
+        holder.value.add_(delta)
+        return
+    value = holder.value
+    _own_site_params(target, adapter, weight_name).value = nn.Parameter(value.detach() + delta,
+                                                                        requires_grad=value.requires_grad)
 
 
 def _requantize(target: "GraftedModule", tag: dict[str, Any], weight: torch.Tensor) -> float:

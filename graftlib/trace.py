@@ -120,6 +120,8 @@ def example_inputs_for(model: nn.Module, batch: int = BATCH, seq: int = SEQ) -> 
         mels = getattr(config, "num_mel_bins", 80)
         frames = 2 * getattr(config, "max_source_positions", 1500)
         inputs["input_features"] = torch.randn(batch, mels, frames, generator=generator)
+    if "input_values" in params and main == "input_values":  # raw audio (wav2vec2, HuBERT, WavLM)
+        inputs["input_values"] = torch.randn(batch, _audio_samples(config, seq), generator=generator)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         vocab = int(getattr(text_cfg, "vocab_size", 100))
         inputs["decoder_input_ids"] = torch.randint(1, vocab, (batch, DEC_SEQ), generator=generator)
@@ -133,6 +135,18 @@ def example_inputs_for(model: nn.Module, batch: int = BATCH, seq: int = SEQ) -> 
             "pass example_inputs={'name': tensor, ...}"
         )
     return inputs
+
+
+def _audio_samples(config: Any, frames: int) -> int:
+    """Raw-audio length whose convolutional feature encoder yields `frames` frames (at least the
+    positional convolution's kernel, so every layer sees a full window)."""
+    frames = max(frames, int(getattr(config, "num_conv_pos_embeddings", 0) or 0))
+    kernels = list(getattr(config, "conv_kernel", ()) or ())
+    strides = list(getattr(config, "conv_stride", ()) or ())
+    samples = frames
+    for kernel, stride in reversed(list(zip(kernels, strides))):  # invert each (L - k) // s + 1
+        samples = (samples - 1) * int(stride) + int(kernel)
+    return samples
 
 
 def _as_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
@@ -159,9 +173,10 @@ _SEQUENCE_INPUTS = frozenset({
     "input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "inputs_embeds",
     "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "decoder_inputs_embeds",
     "special_tokens_mask", "global_attention_mask", "cache_position", "start_positions", "end_positions",
+    "input_values",  # raw audio: (B, samples), any length
 })
 _FIXED_SIZE_INPUTS = frozenset({
-    "pixel_values", "pixel_mask", "input_features", "input_values", "bool_masked_pos", "image_embeds",
+    "pixel_values", "pixel_mask", "input_features", "bool_masked_pos", "image_embeds",
     "pixel_values_videos", "feature_attention_mask", "interpolate_pos_encoding",
 })
 

@@ -4,12 +4,19 @@ At each attention call, with learned per-layer prefixes ``Pk, Pv`` of shape ``(n
 
     sdpa(q, k, v, mask)                ->  sdpa(q, [Pk; k], [Pv; v], [1 | mask])
     sdpa(q, k, v, is_causal=True)      ->  sdpa([0; q], [Pk; k], [Pv; v], is_causal=True)[:, :, n:]
-    softmax(q @ k^T * s + m) @ v       ->  softmax(q @ [Pk; k]^T * s + [0 | m]) @ [Pv; v]
+    softmax(f(q @ k^T)) @ v            ->  softmax(f(q @ [Pk; k]^T)) @ [Pv; v], f's key-axis operands widened
 
-``[P; k]`` prepends ``P`` (reshaped to ``(B, H_kv, n, D)``) on the key axis (dim 2); ``[1 | mask]`` adds
-n visible columns on the left of the mask (``True`` for a boolean mask, ``0.0`` for an additive one;
-each operand that the eager scores meet on their way to the softmax is widened the same way). An
-additive bias folded into the mask (T5's relative position bias) is 0 on the prefix columns.
+``[P; k]`` prepends ``P`` (reshaped to ``(B, H_kv, n, D)``, or ``(B*H, n, D)`` for 3-D ``bmm`` attention)
+on the key axis (dim -2); ``[1 | mask]`` adds n visible columns on the left of the mask (``True`` for a
+boolean mask, ``0.0`` for an additive one). Eager attention is any ``scores -> softmax -> values``
+pattern (``passes/prefix_find.py``): matmul / bmm / baddbmm, then scale, masks, biases, ALiBi, tanh
+soft-capping, views, in any order. Its key-axis operands (and an SDPA mask) are widened as the eager
+model given a cache of n prefix tokens computes them (``passes/prefix_widen.py``): a mask, sliding
+window or ALiBi derived from the 2-D attention mask is recomputed from ``[1 ... 1 | mask]`` (BLOOM's
+ALiBi puts the prefix at positions 0 .. n-1 and the tokens after it; a sliding window, Gemma2's or
+Mistral's, hides prefix keys from queries further than the window, as PEFT's cache does); a learned
+relative-position bias (T5, DeBERTa's c2p / p2c, MPNet) is 0 on the prefix columns; views naming the
+key length grow by n.
 
 Causal SDPA (``is_causal=True``) aligns its triangle top-left, so keys longer than queries would hide the
 prefix. Instead of an explicit mask the rewrite prepends n dummy (zero) queries, keeps ``is_causal``
@@ -37,21 +44,20 @@ past-key-values path does. Parameter layout follows PEFT: slot l's key and value
 """
 from __future__ import annotations
 
-import dataclasses
-import operator
-from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
-from graftlib.editor import Editor, escape, graft_tag, is_join
+from graftlib.editor import Editor, escape, graft_tag
 from graftlib.errors import GraftError, LoadError
 from graftlib.registry import Method, Option, positive, register
 from graftlib.select import Selection, SiteIndex, resolve_targets
-from graftlib.sites import Site, _layer_of, _module_class, _module_path
+from graftlib.sites import Site
 from graftlib.spec import GraftCall
+
+from .prefix_find import PASS_THROUGH, AttentionCall, arg, find_attention, is_tagged
+from .prefix_widen import MAXINT, join_into, widen_mask, widen_scores
 
 if TYPE_CHECKING:
     from graftlib.grafted import Grafted, GraftRecord
@@ -59,286 +65,21 @@ if TYPE_CHECKING:
 __all__ = ["Prefix", "PTuningV2", "AttentionCall", "find_attention", "peft_import", "peft_export"]
 
 aten = torch.ops.aten
-MAXINT = 9223372036854775807
 ENCODER_KEY = "prefix_encoder"   # store slot of the projection's parameters
 POSITIONS_KEY = "positions"      # tag site of the position-offset nodes
 
-_SDPA = aten.scaled_dot_product_attention.default
-_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-_PASS_THROUGH = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
-                 aten.clone.default, aten.contiguous.default, aten.alias.default, aten.type_as.default}
-_DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default}
-_SCORE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self,
-              aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Scalar,
-              aten.masked_fill.Tensor} | _PASS_THROUGH
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 #: ops position ids pass through on their way from arange / the position_ids buffer to their consumer
 _POSITION_OPS = {aten.add.Tensor, aten.unsqueeze.default, aten.slice.Tensor, aten.expand.default,
                  aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
-                 aten.select.int, aten.flatten.using_ints} | _PASS_THROUGH
-
-
-# -- finding attention calls ---------------------------------------------------------------------
-@dataclass
-class AttentionCall:
-    """One attention computation: an SDPA node, or the eager ``softmax(q k^T ...) v`` pattern."""
-
-    site: Site
-    kind: str                       # "sdpa" | "eager"
-    node: fx.Node                   # the SDPA node or the softmax node
-    query: fx.Node
-    key: fx.Node                    # (B, H, Sk, D): the keys as the attention reads them
-    value: fx.Node
-    key_user: fx.Node               # the node that reads `key` (SDPA, or the transpose feeding q @ k^T)
-    value_user: fx.Node             # the node that reads `value`
-    scores_path: list[fx.Node] = field(default_factory=list)  # eager: q @ k^T ... softmax input
-    cross: bool = False
-
-    @property
-    def heads(self) -> int:
-        return int(self.key.meta["val"].shape[1])
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.key.meta["val"].shape[3])
-
-    @property
-    def repeat(self) -> int:
-        return _kv_repeat(self.key)
-
-    @property
-    def token_dim(self) -> int:
-        """H_kv * D: the width of one learned key (or value) row."""
-        return self.heads // self.repeat * self.head_dim
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _skip(node: Any, ops: set) -> Any:
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in ops:
-        node = node.args[0]
-    return node
-
-
-def _base_value(node: fx.Node) -> fx.Node:
-    """The model's own value under any adapters' joins (e.g. keys another prefix already extended)."""
-    while is_join(node):
-        node = node.args[graft_tag(node)["base"]]
-    return node
-
-
-def _kv_repeat(key: fx.Node) -> int:
-    """How many query heads share one kv head when the graph repeats kv heads before the attention."""
-    node = _skip(_base_value(key), _PASS_THROUGH)
-    if node.op == "call_function" and node.target == aten.repeat_interleave.self_int \
-            and _arg(node, 2, "dim", None) in (1, -3):
-        return int(node.args[1])
-    if node.op != "call_function" or node.target not in _VIEWS:
-        return 1
-    expand = _skip(node.args[0], _PASS_THROUGH)
-    if expand.op != "call_function" or expand.target != aten.expand.default:
-        return 1
-    source, out = expand.args[0].meta.get("val"), expand.meta.get("val")
-    if source is None or out is None or source.dim() != 5 or out.dim() != 5 or source.shape[2] != 1:
-        return 1
-    return int(out.shape[2])
-
-
-def _projection(node: fx.Node, limit: int = 64) -> fx.Node | None:
-    """The nearest linear / addmm projection upstream of `node` (breadth first)."""
-    seen, queue = {node}, deque([node])
-    while queue and len(seen) < limit:
-        current = queue.popleft()
-        if current.op == "call_function" and current.target in (aten.linear.default, aten.addmm.default):
-            return current
-        for arg in current.all_input_nodes:
-            if arg not in seen and arg.op == "call_function":
-                seen.add(arg)
-                queue.append(arg)
-    return None
-
-
-def _projection_input(node: fx.Node) -> fx.Node | None:
-    projection = _projection(node)
-    if projection is None:
-        return None
-    if projection.target == aten.addmm.default:
-        return _skip(projection.args[1], _VIEWS | _PASS_THROUGH)
-    return projection.args[0]
-
-
-def _key_weight_owner(call: "AttentionCall") -> str | None:
-    """The module path owning the key projection's weight (``blocks.0.wk``), if there is one."""
-    projection = _projection(_base_value(call.key))
-    if projection is None:
-        return None
-    weight = projection.args[1] if projection.target == aten.linear.default else projection.args[2]
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return None
-    return str(weight.target).rsplit(".", 1)[0]
-
-
-def _distinct_sites(calls: list["AttentionCall"]) -> None:
-    """Name attention calls that share a module path but not their key weights (attention written
-    inline in a parent's forward) after the key projection's parent module, e.g. ``blocks.0``."""
-    groups: dict[str, list[AttentionCall]] = {}
-    for call in calls:
-        groups.setdefault(call.site.key, []).append(call)
-    for key, group in groups.items():
-        owners = [_key_weight_owner(call) for call in group]
-        if key and len(set(owners)) <= 1:
-            continue  # one module (possibly called several times: one site, shared prefix)
-        parents = [owner.rsplit(".", 1)[0] if owner and "." in owner else owner for owner in owners]
-        names = parents if None not in parents and "" not in parents and len(set(parents)) == len(set(owners)) \
-            else owners
-        for call, name in zip(group, names):
-            name = name or key or "attention"
-            call.site = dataclasses.replace(call.site, path=name, layer=_layer_of(name))
-
-
-def _is_cross(query: fx.Node, key: fx.Node) -> bool:
-    q_in, k_in = _projection_input(_base_value(query)), _projection_input(_base_value(key))
-    return q_in is not None and k_in is not None and q_in is not k_in
-
-
-def _is_tagged(node: fx.Node) -> bool:
-    return bool((node.meta.get("custom") or {}).get("graft"))
-
-
-def _scores_path(scores: fx.Node, softmax: fx.Node) -> list[fx.Node] | None:
-    """Nodes from ``q @ k^T`` (first) to the softmax input (last), through score ops only."""
-    parents: dict[fx.Node, fx.Node | None] = {scores: None}
-    queue = deque([scores])
-    while queue:
-        current = queue.popleft()
-        if current is softmax.args[0]:
-            path = [current]
-            while parents[path[-1]] is not None:
-                path.append(parents[path[-1]])
-            return path[::-1]
-        if len(parents) > 32:
-            return None
-        for user in current.users:
-            if user not in parents and user.op == "call_function" and user.target in _SCORE_OPS:
-                parents[user] = current
-                queue.append(user)
-    return None
-
-
-def _probs_matmul(softmax: fx.Node) -> fx.Node | None:
-    """``matmul(p, v)`` reached from the softmax through casts / dropout (other readers, such as
-    returned attention weights, are ignored)."""
-    current = softmax
-    for _ in range(6):
-        step = None
-        for user in current.users:
-            if user.op != "call_function":
-                continue
-            if user.target == aten.matmul.default and user.args[0] is current:
-                return user
-            if user.target in _PASS_THROUGH | _DROPOUT or (user.target is operator.getitem and user.args[1] == 0):
-                step = user
-        if step is None:
-            return None
-        current = step
-    return None
-
-
-def _eager_call(softmax: fx.Node) -> AttentionCall | None:
-    """Match ``softmax(f(q @ k^T)) [dropout] @ v`` around `softmax`; None when it is not attention."""
-    value = softmax.meta.get("val")
-    if value is None or value.dim() != 4 or softmax.args[1] not in (-1, 3):
-        return None
-    out_matmul = _probs_matmul(softmax)
-    if out_matmul is None:
-        return None
-    # backward: softmax input <- score ops <- matmul(q, k^T)
-    seen, queue, scores = {softmax.args[0]}, deque([softmax.args[0]]), None
-    while queue and len(seen) < 32:
-        current = queue.popleft()
-        if current.op == "call_function" and current.target == aten.matmul.default:
-            scores = current
-            break
-        if current.op == "call_function" and current.target in _SCORE_OPS:
-            for arg in current.all_input_nodes:
-                if arg not in seen:
-                    seen.add(arg)
-                    queue.append(arg)
-    if scores is None:
-        return None
-    path = _scores_path(scores, softmax)
-    if path is None:
-        return None
-    key_t = scores.args[1]
-    key = _untranspose(key_t)
-    query = scores.args[0]
-    path_name = _module_path(softmax)
-    site = Site(path_name, "attention", None, 0, 0, layer=_layer_of(path_name), module_class=_module_class(softmax))
-    call = AttentionCall(site, "eager", softmax, query, key if key is not None else key_t, out_matmul.args[1],
-                         key_t, out_matmul, path)
-    call.cross = key is not None and _is_cross(query, key)
-    return call
-
-
-def _untranspose(key_t: fx.Node) -> fx.Node | None:
-    """For ``k^T`` written as a transpose/permute of (B, H, S, D) keys, the keys; else None."""
-    if key_t.op != "call_function":
-        return None
-    if key_t.target == aten.transpose.int and {key_t.args[1] % 4, key_t.args[2] % 4} == {2, 3}:
-        return key_t.args[0]
-    if key_t.target == aten.permute.default and list(key_t.args[1]) in ([0, 1, 3, 2], [0, 1, -1, -2]):
-        return key_t.args[0]
-    return None
-
-
-def find_attention(gm: fx.GraphModule, index: SiteIndex | None = None) -> list[AttentionCall]:
-    """Every attention call of the graph in graph order (graft-inserted nodes skipped)."""
-    index = index or SiteIndex.build(gm)
-    sdpa_site = {id(node): site for site in index.sites if site.kind == "attention"
-                 for node in index.anchors[site.key]}
-    calls = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or _is_tagged(node):
-            continue
-        if node.target == _SDPA and id(node) in sdpa_site:
-            site = sdpa_site[id(node)]
-            query, key, value = node.args[:3]
-            call = AttentionCall(site, "sdpa", node, query, key, value, node, node)
-            call.cross = _is_cross(query, key)
-            calls.append(call)
-        elif node.target in _SOFTMAX:
-            call = _eager_call(node)
-            if call is not None:
-                calls.append(call)
-    _distinct_sites(calls)
-    for call in calls:  # record head dims on the site (SDPA sites carry the query's D already)
-        if call.key.meta.get("val") is not None and call.key.meta["val"].dim() == 4:
-            call.site = _with_dims(call.site, call.token_dim)
-    return calls
-
-
-def _with_dims(site: Site, width: int) -> Site:
-    return dataclasses.replace(site, in_features=width, out_features=width)
+                 aten.select.int, aten.flatten.using_ints} | PASS_THROUGH
 
 
 # -- graph building blocks -------------------------------------------------------------------------
-def _join_into(editor: Editor, base: fx.Node, user: fx.Node, op: Any, *args: Any) -> fx.Node:
-    """``editor.join`` that reroutes only `user` (other readers of `base` keep the old value)."""
-    others = [u for u in base.users if u is not user]
-    node = editor.join(base, op, *args)
-    for other in others:
-        if other is not node and node in other.all_input_nodes and other not in editor.inserted:
-            other.replace_input_with(node, base)
-    return node
-
-
 def _prefix_heads(editor: Editor, flat: fx.Node, like: fx.Node, call: AttentionCall, n: int) -> fx.Node:
-    """(n, H_kv*D) -> (B, H, n, D), repeating kv heads the way the graph repeats the keys."""
+    """(n, H_kv*D) -> (B, H, n, D) -- or (B*H, n, D) when `like` is 3-D -- repeating kv heads the way
+    the graph repeats the keys."""
     heads, dim, rep = call.heads, call.head_dim, call.repeat
+    flat_like, like = like, (call.keys4 if like.meta["val"].dim() == 3 else like)
     kv_heads = heads // rep
     x = editor.call(aten.reshape.default, flat, [n, kv_heads, dim])          # (n, Hkv, D)
     x = editor.call(aten.permute.default, x, [1, 0, 2])                       # (Hkv, n, D)
@@ -350,6 +91,9 @@ def _prefix_heads(editor: Editor, flat: fx.Node, like: fx.Node, call: AttentionC
         x = editor.call(aten.unsqueeze.default, x, 2)                         # (1, Hkv, 1, n, D)
         x = editor.call(aten.expand.default, x, [batch, kv_heads, rep, n, dim])
         x = editor.call(aten.reshape.default, x, [batch, heads, n, dim])      # (B, H, n, D)
+    if flat_like is not like:  # batch * heads flattened as the graph flattens (B, H, S, D) keys
+        rows = editor.call(aten.sym_size.int, flat_like, 0)
+        x = editor.call(aten.reshape.default, x, [rows, n, dim])               # (B*H, n, D)
     dtype = like.meta["val"].dtype
     if dtype != flat.meta["val"].dtype:
         x = editor.call(aten.to.dtype, x, dtype)
@@ -357,43 +101,11 @@ def _prefix_heads(editor: Editor, flat: fx.Node, like: fx.Node, call: AttentionC
 
 
 def _prepend(editor: Editor, base: fx.Node, user: fx.Node, prefix: fx.Node, n: int) -> fx.Node:
-    """[prefix; base] on dim 2 as two joins (pad, then write the prefix rows), rerouting only `user`."""
-    padded = _join_into(editor, base, user, aten.constant_pad_nd.default, base, [0, 0, n, 0], 0.0)
-    return _join_into(editor, padded, user, aten.slice_scatter.default, padded, prefix, 2, 0, n)
-
-
-def _widen(editor: Editor, operand: fx.Node, user: fx.Node, value: Any, n: int) -> None:
-    """Add n columns holding `value` on the left of `operand`'s last dim (shared per adapter)."""
-    val = operand.meta.get("val")
-    if val is None or val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] == 1):
-        return  # broadcasts over the keys (a scale, a whole-row mask): covers the prefix columns too
-    marker = f"widen:{value!r}"
-    for existing in operand.users:
-        tag = graft_tag(existing)
-        if tag and tag.get("adapter") == editor.adapter and tag.get("prefix") == marker:
-            user.replace_input_with(operand, existing)
-            return
-    if val.dtype == torch.bool:
-        value = bool(value)
-    node = _join_into(editor, operand, user, aten.constant_pad_nd.default, operand, [n, 0], value)
-    graft_tag(node)["prefix"] = marker
-
-
-def _neutral(user: fx.Node, operand: fx.Node, on_path: fx.Node, site: str) -> Any:
-    """The value that makes a prefix column of `operand` leave the scores untouched in `user`."""
-    target = user.target
-    if target in (aten.add.Tensor, aten.sub.Tensor):
-        return 0.0
-    if target in (aten.mul.Tensor, aten.div.Tensor):
-        return 1.0
-    if target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
-        if user.args[0] is operand:
-            return len(user.args) > 1 and user.args[1] is on_path
-        return 0.0
-    if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        return False if user.args[1] is operand else 0.0
-    raise GraftError(f"prefix: cannot widen the {target} operand of the attention scores at {site}; "
-                     "trace the model with attn_implementation='sdpa'")
+    """[prefix; base] on the sequence dim (-2: (B, H, S, D) or (B*H, S, D)) as two joins (pad, then
+    write the prefix rows), rerouting only `user`."""
+    dim = base.meta["val"].dim() - 2
+    padded = join_into(editor, base, user, aten.constant_pad_nd.default, base, [0, 0, n, 0], 0.0)
+    return join_into(editor, padded, user, aten.slice_scatter.default, padded, prefix, dim, 0, n)
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -449,14 +161,10 @@ class Prefix(Method):
 
     @staticmethod
     def _check(call: GraftCall, attention: AttentionCall) -> None:
-        val = attention.key.meta.get("val")
-        if attention.kind == "eager" and _untranspose(attention.key_user) is None:
-            raise call.error(f"eager attention at {attention.site.path}: the keys reach q @ k^T as "
-                             f"{attention.key_user.target}, not as a transpose of (B, H, S, D) keys; "
-                             "trace the model with attn_implementation='sdpa'")
+        val = attention.keys4.meta.get("val")
         if val is None or val.dim() != 4:
-            raise call.error(f"attention at {attention.site.path}: keys are not (B, H, S, D) tensors; "
-                             "prefix tuning needs 4-d multi-head attention")
+            raise call.error(f"attention at {attention.site.path}: keys are neither (B, H, S, D) tensors nor a "
+                             "(B*H, S, D) view of them; prefix tuning needs multi-head attention")
 
     def check_site(self, call: GraftCall, site: Site, config: dict[str, Any]) -> None:
         """Sites are checked in ``select`` (which sees the attention pattern, not only the site)."""
@@ -525,29 +233,18 @@ class Prefix(Method):
         with editor.before(call.value_user):
             _prepend(editor, call.value, call.value_user, _prefix_heads(editor, flat_v, call.value, call, n), n)
         if call.kind == "eager":
-            self._widen_scores(editor, call, n)
+            widen_scores(editor, call, n)
             return
         node = call.node
-        mask = _arg(node, 3, "attn_mask", None)
+        mask = arg(node, 3, "attn_mask", None)
+        if isinstance(mask, fx.Node):
+            widen_mask(editor, mask, node, True if mask.meta["val"].dtype == torch.bool else 0.0, n)
         with editor.before(node):
-            if isinstance(mask, fx.Node):
-                _widen(editor, mask, node, True if mask.meta["val"].dtype == torch.bool else 0.0, n)
-            causal = bool(_arg(node, 5, "is_causal", False))
+            causal = bool(arg(node, 5, "is_causal", False))
             if causal:  # n dummy queries in front keep the top-left causal triangle right
-                _join_into(editor, call.query, node, aten.constant_pad_nd.default, call.query, [0, 0, n, 0], 0.0)
+                join_into(editor, call.query, node, aten.constant_pad_nd.default, call.query, [0, 0, n, 0], 0.0)
         if causal:
             editor.join(node, aten.slice.Tensor, node, 2, n, MAXINT)
-
-    @staticmethod
-    def _widen_scores(editor: Editor, call: AttentionCall, n: int) -> None:
-        path = call.scores_path
-        for previous, node in zip(path, path[1:]):
-            for operand in list(node.all_input_nodes):
-                if operand is previous:
-                    continue
-                value = _neutral(node, operand, previous, call.site.path)
-                with editor.before(node):
-                    _widen(editor, operand, node, value, n)
 
     # -- positions ---------------------------------------------------------------------------------
     def _offset_positions(self, gm: fx.GraphModule, selection: Selection, adapter: str, n: int) -> None:
@@ -566,7 +263,7 @@ class Prefix(Method):
                 continue
             editor = Editor(gm, self.name, adapter, site, consumer)
             with editor.before(consumer):
-                shared[id(ids)] = _join_into(editor, ids, consumer, aten.add.Tensor, ids, n)
+                shared[id(ids)] = join_into(editor, ids, consumer, aten.add.Tensor, ids, n)
                 graft_tag(shared[id(ids)])["prefix"] = "positions"
 
     # -- export ------------------------------------------------------------------------------------
@@ -614,7 +311,7 @@ def _reaches_inv_freq(node: Any, depth: int = 8) -> bool:
 def _position_sources(gm: fx.GraphModule) -> list[fx.Node]:
     sources = []
     for node in gm.graph.nodes:
-        if _is_tagged(node):
+        if is_tagged(node):
             continue
         if node.op == "call_function" and node.target in (aten.arange.default, aten.arange.start,
                                                            aten.arange.start_step):
@@ -636,7 +333,7 @@ def position_consumers(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
         while frontier:
             current = frontier.pop()
             for user in list(current.users):
-                if user in seen or (_is_tagged(user) and graft_tag(user).get("prefix") != "positions"):
+                if user in seen or (is_tagged(user) and graft_tag(user).get("prefix") != "positions"):
                     continue  # graft nodes are not the model's, except other adapters' position offsets
                 seen.add(user)
                 if user.op != "call_function":
@@ -733,7 +430,7 @@ def peft_export(grafted: "Grafted", record: "GraftRecord") -> tuple[dict[str, An
     if getattr(config, "is_encoder_decoder", False):
         raise GraftError("peft_export: PEFT's encoder-decoder prefix layout gives prefixes only to the decoder "
                          "(and drops cross-attention ones); a graft with encoder prefixes has no PEFT equivalent")
-    if not record.config.get("peft_positions"):
+    if not record.config.get("peft_positions") and position_consumers(grafted.base_graph_module):
         raise GraftError(f"peft_export: adapter {record.adapter!r} was grafted without peft_positions=true, but PEFT "
                          "offsets position ids by n; re-graft with peft_positions=true to get the same outputs in PEFT")
     layers = getattr(config, "num_hidden_layers", None)
@@ -765,7 +462,8 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
     """A PEFT prefix-tuning checkpoint as a graftlib spec and per-site ``key`` / ``value`` tensors.
 
     `model` is the base model (traced here) or a :class:`Grafted` over it. The spec uses
-    ``peft_positions=true`` so the graft gives PEFT's outputs; PEFT saves a projection already evaluated,
+    ``peft_positions=true`` so the graft gives PEFT's outputs (models with position ids to offset: ALiBi and
+    relative positions have none, and the ALiBi widening already follows PEFT); PEFT saves a projection already evaluated,
     so the spec has no projection.
     """
     from graftlib.grafted import Grafted
@@ -801,4 +499,5 @@ def peft_import(config: dict[str, Any], state: dict[str, torch.Tensor],
                             f"{call.head_dim} = {call.token_dim}, the checkpoint {heads} heads, token_dim {width}")
         (k0, k1), (v0, v1) = _slot_columns(slot, width)
         tensors[call.site.key] = {"key": embeddings[:, k0:k1].clone(), "value": embeddings[:, v0:v1].clone()}
-    return f"prefix(n={n}, peft_positions=true)", tensors
+    positions = ", peft_positions=true" if position_consumers(gm) else ""
+    return f"prefix(n={n}{positions})", tensors

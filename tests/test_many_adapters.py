@@ -355,3 +355,35 @@ def test_delete_adapter_removes_it_and_keeps_the_others(arch):
                                atol=TOL, rtol=0)
     with pytest.raises(graftlib.GraftError, match="no adapter named 'c'"):
         g.delete_adapter("c")
+
+
+# -- merge beside replace (PEFT's modules_to_save on a LoRA'd module) ------------------------------
+REPLACED = {"bert": "encoder.layer.0.attention.self.query", "gpt2": "h.0.attn.c_attn"}
+
+
+@pytest.mark.parametrize("order", ["replace first", "lora first"])
+@pytest.mark.parametrize("arch", sorted(REPLACED))
+def test_merge_folds_lora_into_the_replacing_copy(arch, order):
+    """The graph reads replace's own copy W' instead of W, so merge folds s·B@A into W': the merged
+    module equals the unmerged one, and the source's W' and the user's W are untouched."""
+    model, _ = build(arch)
+    inputs = inputs_for(arch, 2, 5)
+    replace, lora = f'replace("{REPLACED[arch]}", name=keep)', "lora(q,v,r=2,name=ad)"
+    g = graftlib.apply(model, f"{replace} + {lora}" if order == "replace first" else f"{lora} + {replace}").eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in g.store.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    copy_before = next(g.store["keep"].parameters()).detach().clone()
+    weight_before = weight_value(model, f"{REPLACED[arch]}.weight").detach().clone()
+    with torch.no_grad():
+        want = _first(g(**inputs))
+        merged = g.merge()
+        got = _first(merged(**inputs))
+    assert (got - want).abs().max() <= TOL
+    assert merged.adapters.keys() == {"keep"}  # LoRA folded, replace kept as nodes
+    assert torch.equal(next(g.store["keep"].parameters()), copy_before)
+    assert torch.equal(weight_value(model, f"{REPLACED[arch]}.weight"), weight_before)
+    g.set_active(["ad"])
+    with pytest.raises(graftlib.GraftError, match="'keep' replaces that weight but is inactive"):
+        g.merge()

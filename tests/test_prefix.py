@@ -1,9 +1,12 @@
-"""Prefix tuning / P-tuning v2 on BERT, GPT-2, Llama (GQA), T5 and the hand-written SDPA models.
+"""Prefix tuning / P-tuning v2 on BERT, GPT-2, Llama (GQA), T5, the hand-written SDPA models, and eager
+attention that is not SDPA: BLOOM (baddbmm + ALiBi), Gemma2 (soft-capping, sliding windows), DeBERTa-v2
+(3-D bmm + disentangled terms), MPNet (relative position bias).
 
 References: the base model (deactivation is exact), a hand-written forward with the prefix concatenated
-by hand (hand models, explicit causal mask), PEFT's PrefixTuning model with the same weights (BERT,
-Llama, GPT-2; SDPA and eager attention), onnxruntime (exported graphs), and properties checked on
-outputs (padding gets no attention, no attention to later tokens, the prefix is visible everywhere).
+by hand (hand models, explicit causal mask; DeBERTa-v2 and MPNet attention patched by hand), PEFT's
+PrefixTuning model with the same weights (BERT, Llama, GPT-2, BLOOM, Gemma2, Mistral and Falcon with
+sliding windows / ALiBi; SDPA and eager attention), onnxruntime (exported graphs), and properties
+checked on outputs (padding gets no attention, no attention to later tokens, the prefix is visible).
 """
 from __future__ import annotations
 
@@ -101,13 +104,11 @@ def test_sites_and_exact_deactivation(arch):
 
 
 # -- training ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
-def test_training_changes_only_prefix(arch):
-    model, g = _grafted(arch)
+def _check_training_changes_only_prefix(g, inputs: dict, layers: int) -> None:
+    """Two SGD steps in training mode change the prefix parameters (a key and a value per layer) only."""
     prefix = _prefix_params(g)
     assert set(map(id, g.trainable_parameters().values())) == set(map(id, prefix.values()))
     before = {name: p.detach().clone() for name, p in g.named_parameters()}
-    inputs = inputs_for(arch, 2, 6, seed=4)
     optimizer = torch.optim.SGD(g.trainable_parameters().values(), lr=0.1)
     weights = torch.randn(_run(g, inputs).shape[-1], generator=torch.Generator().manual_seed(5))
     g.train()
@@ -120,10 +121,16 @@ def test_training_changes_only_prefix(arch):
         g.eval()
     changed = {name for name, p in g.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {name for name, p in g.named_parameters() if any(p is q for q in prefix.values())}
-    assert len(changed) == 2 * len(SITES[arch])       # a key and a value per layer
+    assert len(changed) == 2 * layers                 # a key and a value per layer
     with torch.no_grad():
         for name, p in g.named_parameters():
             p.copy_(before[name])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_changes_only_prefix(arch):
+    _, g = _grafted(arch)
+    _check_training_changes_only_prefix(g, inputs_for(arch, 2, 6, seed=4), len(SITES[arch]))
 
 
 # -- dynamic shapes ------------------------------------------------------------------------------
@@ -264,11 +271,13 @@ def test_hand_formula_and_stacked_adapters(arch):
 
 
 class _EagerCausal(torch.nn.Module):
-    """Hand-written eager attention: q @ k^T, masked_fill(causal), where(padding), softmax, @ v."""
+    """Hand-written eager attention: q @ k^T, masked_fill(causal), where(padding), softmax, @ v; with
+    `inplace`, the padding is an additive bias written in place (``zeros(B, 1, 1, S).masked_fill_(~pad,
+    min)``): its producers, the in-place write included, are replayed on the widened mask."""
 
-    def __init__(self, dim: int = 32, heads: int = 4):
+    def __init__(self, dim: int = 32, heads: int = 4, inplace: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.inplace = heads, inplace
         self.embed = torch.nn.Embedding(100, dim)
         self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(
             {name: torch.nn.Linear(dim, dim) for name in ("wq", "wk", "wv", "wo")}) for _ in range(2))
@@ -278,10 +287,11 @@ class _EagerCausal(torch.nn.Module):
         b, s, d = x.shape
         pad = attention_mask[:, None, None, :].bool()                          # (B, 1, 1, S)
         hidden = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)   # True: a later token
+        bias = torch.zeros(input_ids.shape[0], 1, 1, input_ids.shape[1]).masked_fill_(~pad, torch.finfo(x.dtype).min)
         for layer, block in enumerate(self.blocks):
             split = lambda t: t.view(b, s, self.heads, -1).transpose(1, 2)     # noqa: E731
             q, k, v = split(block["wq"](x)), split(block["wk"](x)), split(block["wv"](x))
-            causal, visible = hidden, pad
+            causal, visible, additive = hidden, pad, bias
             if prefixes is not None:   # the reference: concatenate by hand, widen both masks by hand
                 p = prefixes[f"blocks.{layer}"]
                 n = p["key"].shape[0]
@@ -289,16 +299,21 @@ class _EagerCausal(torch.nn.Module):
                 v = torch.cat([_heads(p["value"], b, self.heads), v], dim=2)
                 causal = torch.cat([torch.zeros(s, n, dtype=torch.bool), hidden], dim=1)
                 visible = torch.cat([torch.ones(b, 1, 1, n, dtype=torch.bool), pad], dim=-1)
+                additive = F.pad(bias, (n, 0))
             scores = (q @ k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-            scores = torch.where(visible, scores.masked_fill(causal, float("-inf")), torch.finfo(x.dtype).min)
+            if self.inplace:
+                scores = scores.masked_fill(causal, float("-inf")) + additive
+            else:
+                scores = torch.where(visible, scores.masked_fill(causal, float("-inf")), torch.finfo(x.dtype).min)
             att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
             x = x + block["wo"](att)
         return x
 
 
-def test_eager_hand_written_masks():
+@pytest.mark.parametrize("inplace", [False, True], ids=["where", "inplace-bias"])
+def test_eager_hand_written_masks(inplace):
     torch.manual_seed(0)
-    model = _EagerCausal().eval()
+    model = _EagerCausal(inplace=inplace).eval()
     trace_inputs = inputs_for("hand", 2, 7, seed=2)
     g = graftlib.apply(model, f"prefix(n={N})", trace_inputs).eval()
     assert g.records[0].sites == ["blocks.0", "blocks.1"]
@@ -503,9 +518,16 @@ def test_peft_positions_without_positions_is_a_clear_error():
 
 
 def test_peft_interop_errors():
-    _, g = _grafted("hand")
-    with pytest.raises(GraftError, match="without peft_positions=true"):
-        peft_export(g, g.records[0])
+    _, llama = _grafted("llama")                # rotary positions: PEFT offsets them, the graft must too
+    llama.add(f"prefix(n={N}, name=unshifted)")
+    try:
+        with pytest.raises(GraftError, match="without peft_positions=true"):
+            peft_export(llama, llama.adapters["unshifted"])
+    finally:
+        llama.delete_adapter("unshifted")
+        llama.set_active(["default"])
+    _, g = _grafted("hand")                      # no positions: nothing for PEFT to offset, exports as is
+    assert peft_export(g, g.records[0])[0]["num_virtual_tokens"] == N
     config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 32, "num_layers": 2,
               "num_attention_heads": 4, "num_transformer_submodules": 1}
     with pytest.raises(LoadError, match=r"prompt_embeddings has shape \(3, 100\)"):
@@ -514,3 +536,236 @@ def test_peft_interop_errors():
         peft_import({**config, "num_layers": 3}, {"prompt_embeddings": torch.zeros(3, 192)}, g)
     with pytest.raises(LoadError, match="num_transformer_submodules=2"):
         peft_import({**config, "num_transformer_submodules": 2}, {"prompt_embeddings": torch.zeros(3, 128)}, g)
+
+
+# -- eager attention that is not SDPA ---------------------------------------------------------------
+# (family, options): BLOOM 3-D baddbmm + ALiBi from the mask; Gemma2 tanh soft-capping, GQA, sliding
+# windows (16: wider than prefix + tokens; 4: hides the prefix from later queries); DeBERTa-v2 3-D bmm
+# over batch x heads + c2p / p2c relative terms and explicit key-length views; MPNet matmul + in-place
+# relative position bias; and two SDPA masks recomputed the same way: Mistral's with a 4-token sliding
+# window, Falcon's with ALiBi folded in. References: PEFT's prefix tuning where the model takes a cache
+# (BLOOM, Gemma2, Mistral, Falcon); by hand where it does not (DeBERTa-v2 and MPNet ignore or reject
+# past_key_values).
+EAGER_CASES = [("bloom", {}), ("gemma2", {}), ("gemma2", {"sliding_window": 4}), ("deberta-v2", {}), ("mpnet", {}),
+               ("mistral", {"sliding_window": 4}), ("falcon", {"alibi": True})]
+EAGER_IDS = ["bloom", "gemma2", "gemma2-window4", "deberta-v2", "mpnet", "mistral-sdpa-window4", "falcon-sdpa-alibi"]
+PEFT_FAMILIES = {"bloom", "gemma2", "mistral", "falcon"}
+DECODERS = {"bloom", "gemma2", "mistral", "falcon"}
+ROTARY = {"gemma2", "mistral", "falcon"}         # position ids PEFT offsets: peft_positions=true
+_eager_cache: dict[tuple, tuple] = {}
+
+
+def _family_model(family: str, options: dict) -> torch.nn.Module:
+    from graftlib.tools.matrix_families import build_family
+
+    model = build_family(family)
+    if options:
+        config = model.config
+        for key, value in options.items():
+            setattr(config, key, value)
+        torch.manual_seed(0)
+        model = type(model)(config).eval()
+    return model
+
+
+def _eager_grafted(family: str, options: dict) -> tuple[torch.nn.Module, graftlib.Grafted]:
+    key = (family, tuple(sorted(options.items())))
+    if key not in _eager_cache:
+        model = _family_model(family, options)
+        spec = f"prefix(n={N}, peft_positions=true)" if family in ROTARY else f"prefix(n={N})"
+        _eager_cache[key] = (model, graftlib.apply(model, spec).eval())
+    return _eager_cache[key]
+
+
+def _family_padded(family: str, batch: int = 3, seq: int = 9) -> dict:
+    """Row 1 padded by two (left for decoders, as generation pads; right for encoders), row 2 by one."""
+    from graftlib.tools.matrix_families import family_inputs
+
+    inputs = family_inputs(family, batch=batch, seq=seq, seed=3)
+    mask = inputs["attention_mask"]
+    for row, pads in ((1, 2), (2, 1))[:batch - 1]:
+        mask[row, :pads] = 0 if family in DECODERS else 1
+        mask[row, -pads:] = 1 if family in DECODERS else 0
+    return inputs
+
+
+def _peft_reference(model, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """PEFT's prefix tuning of `model` holding `embeddings` ((n, L * 2 * H_kv * D), PEFT's layout)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=embeddings.shape[0])
+    pm = get_peft_model(model, config).eval()    # prompt learning leaves the model's modules as they are
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(embeddings)
+        return pm(**inputs).last_hidden_state
+
+
+def _heads_3d(p: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """(n, H*D) -> (B*H, n, D), batch-major as the models flatten (B, H, n, D)."""
+    return _heads(p, batch, heads).reshape(batch * heads, p.shape[0], -1)
+
+
+def _deberta_forward(prefix: dict[str, torch.Tensor]):
+    """DisentangledSelfAttention.forward with the prefix concatenated by hand: c2c over [Pk; k], the
+    model's own c2p / p2c terms (over the real keys) 0 on the prefix columns, prefix visible."""
+    def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                relative_pos=None, rel_embeddings=None):
+        heads, batch = self.num_attention_heads, hidden_states.shape[0]
+        q = self.transpose_for_scores(self.query_proj(hidden_states), heads)     # (B*H, S, D)
+        k = self.transpose_for_scores(self.key_proj(hidden_states), heads)
+        v = self.transpose_for_scores(self.value_proj(hidden_states), heads)
+        pk, pv = (_heads_3d(prefix[name], batch, heads) for name in ("key", "value"))
+        factor = 1 + len(self.pos_att_type)
+        scale = (q.shape[-1] * factor) ** 0.5
+        scores = torch.bmm(q, torch.cat([pk, k], 1).transpose(-1, -2) / scale)  # (B*H, S, n+S)
+        rel = self.disentangled_attention_bias(q, k, relative_pos, self.pos_dropout(rel_embeddings), factor)
+        scores = scores + F.pad(rel, (N, 0))
+        scores = scores.view(batch, heads, scores.shape[-2], scores.shape[-1])
+        mask = F.pad(attention_mask.bool(), (N, 0), value=True)
+        scores = scores.masked_fill(~mask, torch.finfo(q.dtype).min)
+        probs = torch.softmax(scores, -1).view(batch * heads, scores.shape[-2], -1)
+        out = torch.bmm(probs, torch.cat([pv, v], 1)).view(batch, heads, -1, v.shape[-1])
+        return out.permute(0, 2, 1, 3).reshape(batch, -1, heads * v.shape[-1]), None
+    return forward
+
+
+def _mpnet_forward(prefix: dict[str, torch.Tensor]):
+    """MPNetSelfAttention.forward with [Pk; k], [Pv; v]; its relative position bias 0 on the prefix."""
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+        batch, heads = hidden_states.shape[0], self.num_attention_heads
+        q, k, v = (proj(hidden_states).view(batch, -1, heads, self.attention_head_size).transpose(1, 2)
+                   for proj in (self.q, self.k, self.v))                        # (B, H, S, D)
+        k = torch.cat([_heads(prefix["key"], batch, heads), k], 2)
+        v = torch.cat([_heads(prefix["value"], batch, heads), v], 2)
+        scores = q @ k.transpose(-1, -2) / self.attention_head_size ** 0.5     # (B, H, S, n+S)
+        scores = scores + F.pad(position_bias, (N, 0)) + F.pad(attention_mask, (N, 0))
+        out = torch.softmax(scores, -1) @ v
+        return (self.o(out.permute(0, 2, 1, 3).reshape(batch, -1, heads * self.attention_head_size)),)
+    return forward
+
+
+def _hand_eager_reference(family: str, model, g, inputs: dict) -> torch.Tensor:
+    from unittest import mock
+
+    tensors = g.store.tensors("default")
+    if family == "deberta-v2":
+        from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention as cls
+        make = _deberta_forward
+    else:
+        from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention as cls
+        make = _mpnet_forward
+    by_module = {model.get_submodule(key): {k: t.detach() for k, t in tensors[key].items()} for key in tensors}
+
+    def dispatch(self, *args, **kwargs):
+        return make(by_module[self])(self, *args, **kwargs)
+    with mock.patch.object(cls, "forward", dispatch), torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+@pytest.mark.parametrize("family, options", EAGER_CASES, ids=EAGER_IDS)
+def test_eager_attention_matches_reference(family, options):
+    model, g = _eager_grafted(family, options)
+    inputs = _family_padded(family)
+    real = inputs["attention_mask"].bool()
+    if family in PEFT_FAMILIES:
+        _, state = peft_export(g, g.records[0])
+        expected = _peft_reference(model, state["prompt_embeddings"], inputs)
+    else:
+        expected = _hand_eager_reference(family, model, g, inputs)
+    got = _run(g, inputs)
+    with torch.no_grad():
+        base = model(**inputs).last_hidden_state
+    assert (got - base)[real].abs().max() > 1e-2                      # the prefix is in effect
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, options", EAGER_CASES, ids=EAGER_IDS)
+def test_eager_attention_padded_row_is_the_row_alone(family, options):
+    _, g = _eager_grafted(family, options)
+    from graftlib.tools.matrix_families import family_inputs
+
+    inputs = family_inputs(family, batch=2, seq=7, seed=4)
+    inputs["attention_mask"][1, -2:] = 0                              # right padding: positions stay put
+    alone = {k: v[1:2, :5] for k, v in inputs.items()}
+    torch.testing.assert_close(_run(g, inputs)[1, :5], _run(g, alone)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, options", EAGER_CASES, ids=EAGER_IDS)
+def test_eager_attention_deactivates_bit_for_bit(family, options):
+    model, g = _eager_grafted(family, options)
+    inputs = _family_padded(family, batch=2, seq=5)
+    with torch.no_grad():
+        base = model(**inputs).last_hidden_state
+    with g.disable_adapters():
+        assert torch.equal(_run(g, inputs), base)
+    off, reference = specialise(g.graph, (), False), specialise(g.base_graph, (), False)
+    assert op_histogram(off) == op_histogram(reference) and len(off.nodes) == len(reference.nodes)
+
+
+@pytest.mark.parametrize("family", ["bloom", "gemma2", "deberta-v2", "mpnet"])
+def test_eager_attention_training_changes_only_prefix(family):
+    _, g = _eager_grafted(family, {})                  # the training-mode trace replays the graft
+    _check_training_changes_only_prefix(g, _family_padded(family, batch=2, seq=6), 2)
+
+
+def test_bloom_stacked_prefixes_compose_like_one_longer_prefix():
+    """Two prefixes on ALiBi attention: together they equal PEFT with both (the later one in front,
+    the ALiBi recomputed from n1 + n2 ones); each alone equals PEFT with it; none is the base."""
+    model = _family_model("bloom", {})
+    g = graftlib.apply(model, "prefix(n=2, name=a)").add("prefix(n=1, name=b)").eval()
+    inputs = _family_padded("bloom", seq=7)
+    real = inputs["attention_mask"].bool()
+    rows = {name: peft_export(g, g.adapters[name])[1]["prompt_embeddings"] for name in ("a", "b")}
+    for active, embeddings in ((["a", "b"], torch.cat([rows["b"], rows["a"]])), (["a"], rows["a"]),
+                               (["b"], rows["b"])):
+        g.set_active(active)
+        expected = _peft_reference(model, embeddings, inputs)
+        torch.testing.assert_close(_run(g, inputs)[real], expected[real], atol=1e-5, rtol=1e-5)
+    g.set_active([])
+    with torch.no_grad():
+        assert torch.equal(_run(g, inputs), model(**inputs).last_hidden_state)
+
+
+def test_bloom_peft_round_trip_needs_no_position_offset():
+    """BLOOM has no position ids (ALiBi comes from the mask): PEFT checkpoints import as plain prefix."""
+    model, g = _eager_grafted("bloom", {})
+    config, state = peft_export(g, g.records[0])
+    spec, tensors = peft_import(config, state, g)
+    assert spec == f"prefix(n={N})" and list(tensors) == g.records[0].sites
+    for key, params in tensors.items():
+        for name, value in params.items():
+            assert torch.equal(value, g.store.tensors("default")[key][name])
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", pytest.param("bloom", marks=pytest.mark.slow)])
+def test_eager_attention_merge_and_onnx_export_verify(family, tmp_path):
+    """A LoRA beside the prefix merges (the prefix stays) and the whole graft exports to ONNX verified:
+    3-D bmm with grown view sizes (DeBERTa-v2), the ALiBi replay (BLOOM, ~15 s: slow)."""
+    model, g = _eager_grafted(family, {})
+    g.add("lora(q,v,r=2,name=l)")
+    try:
+        with torch.no_grad():
+            for params in g.store.tensors("l").values():
+                params["lora_B"].normal_(0, 0.2, generator=torch.Generator().manual_seed(7))
+        g._invalidate()
+        inputs = _family_padded(family, seq=7)
+        real = inputs["attention_mask"].bool()
+        merged = g.merge()
+        assert "l" not in merged.adapters and "default" in merged.adapters
+        unmerged = _run(g, inputs)
+        torch.testing.assert_close(_run(merged, inputs)[real], unmerged[real], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            assert (unmerged - model(**inputs).last_hidden_state)[real].abs().max() > 1e-2
+        report = graftlib.export_onnx(g, tmp_path / "m.onnx", progress=False, tolerance=1e-4)
+        assert max(report.max_abs_diff.values()) < 1e-4
+    finally:
+        g.delete_adapter("l")
+        g.set_active(["default"])
+
+
+def test_fixed_key_length_is_a_clear_error():
+    from graftlib.tools.matrix_families import family_inputs
+
+    model = _family_model("deberta-v2", {})
+    with pytest.raises(GraftError, match="fixed key length.*dynamic sequence lengths"):
+        graftlib.apply(model, f"prefix(n={N})", family_inputs("deberta-v2"), dynamic=False)

@@ -232,3 +232,18 @@ def test_fake_call_gives_the_plain_fake_result():
         assert (tuple(got.shape), got.stride(), got.dtype, got.requires_grad) == \
             (tuple(plain.shape), plain.stride(), plain.dtype, plain.requires_grad)
     assert got is not plain and got.untyped_storage()._cdata != x.untyped_storage()._cdata
+
+
+def test_raw_audio_inputs_are_synthesised_with_a_dynamic_length():
+    """wav2vec2 takes raw audio (B, samples): graftlib invents it from the conv feature encoder's config,
+    and the length axis stays dynamic (audio clips differ in length), so other lengths run exactly."""
+    from graftlib.tools.matrix_families import build_family
+
+    model = build_family("wav2vec2")
+    g = graftlib.apply(model, "lora(q,v,r=4)").eval()
+    assert g._traced.axes["input_values"] == (0, 1)
+    for batch, samples in ((1, 400), (3, 1234)):
+        audio = torch.randn(batch, samples, generator=torch.Generator().manual_seed(samples))
+        with torch.no_grad():
+            ref, got = model(input_values=audio).last_hidden_state, g(input_values=audio).last_hidden_state
+        assert ref.shape == got.shape and torch.equal(ref, got)  # B = 0 at init: the base model exactly

@@ -41,18 +41,11 @@ NO_TOKENS = {"vision", "audio"}
 NO_ATTENTION = {"resnet", "convnext"}
 
 #: (family, cell) -> why graftlib refuses it today (the README lists these)
-_EAGER_ATTN = "attention is {}, not SDPA or 4-D matmul-softmax-matmul; prefix does not find it"
 _MOE = ("experts are one 3-D parameter and no 2-D projection (a shared expert) leads to the MoE block's residual add; "
         "lora(experts) adapts the stacks themselves")
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("mixtral", "adapter"): _MOE,
     ("olmoe", "adapter"): _MOE,
-    ("deberta-v2", "prefix"): _EAGER_ATTN.format("3-D bmm over batch x heads"),
-    ("mpnet", "prefix"): _EAGER_ATTN.format("matmul + relative position bias"),
-    ("bloom", "prefix"): _EAGER_ATTN.format("baddbmm with ALiBi"),
-    ("gemma2", "prefix"): _EAGER_ATTN.format("eager with tanh soft-capping"),
-    **{("wav2vec2", cell): "graftlib cannot synthesise trace inputs for input_values"
-       for cell in ("trace", "lora", "adapter", "prefix", "merge+onnx", "save/load")},
 }
 
 SPECS = {"lora": "lora(q,v,r=4)", "adapter": "adapter(ffn,m=4)", "prefix": "prefix(n=2)", "prompt": "prompt(n=2)"}
