@@ -1,0 +1,332 @@
+"""Generation: Hugging Face ``generate`` running the grafted graphs with a KV cache.
+
+``g.generate(**inputs, max_new_tokens=.., do_sample=.., num_beams=.., streamer=..)`` is the model's own
+``GenerationMixin.generate`` (greedy, sampling, beam search, logits processors, stopping criteria,
+streamers: Hugging Face's code, not a copy) called on a *view* of the user's model whose forward runs
+one traced *step graph*; the user's model is never mutated (the view is a shallow copy with its own
+attribute dicts). The step graph is the model traced with a KV cache, flat tensors in and out::
+
+    step(input_ids (B, S), attention_mask (B, P+S), position_ids (B, S),
+         past_{i}_key / past_{i}_value (B, H_kv, P, D) for each layer i)
+      -> (logits (B, S, V), present_{i}_key / present_{i}_value (B, H_kv, P+S, D) ...)
+
+built around transformers' ``DynamicCache`` (filled from the past tensors inside the traced forward),
+with B, S and P dynamic: the prefill is the same graph at ``P = 0`` (empty past), each decoding step
+at ``S = 1``. It is one more variant of the grafted module (``Grafted.graft_variant``): the grafts are
+replayed on it with the parameters and adapter store shared, so training the module trains what
+generates, and ONNX export with past (``graftlib.export``) is this graph under Optimum's names.
+
+Methods on the cache path:
+- LoRA, AdaLoRA, adapters, fusion, ...: replayed on the step graph (unmerged), or folded by
+  ``g.merge()`` (the merged module's step graph is the source's step graph merged the same way).
+- Prefix tuning: the prefix pass widens every self-attention's keys / values / mask, which in the step
+  graph are ``[past; new]``: the learned prefix sits in front of the cache, as PEFT's prefix cache does.
+- Prompt tuning / P-tuning: the virtual tokens enter at the prefill only (they land in the cache); each
+  later step runs the graph with those adapters off and ``n`` ones prepended to the attention mask;
+  positions count the cache (``arange``), as PEFT's prompt generation does.
+- ``adapter_names=[...]``: one adapter (or ``"__base__"``) per row, the step graph's mixed-batch module
+  (``graftlib.mixed``); beam search and ``num_return_sequences`` rows follow their prompt's name.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import GraftError
+from .registry import get_method
+from .trace import BATCH, SEQ, Traced, trace
+
+if TYPE_CHECKING:
+    from .protocols import GraftedModule
+
+__all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "present_names",
+           "generation_view"]
+
+PAST = 5          # example cache length of the step trace (distinct from BATCH and SEQ: no duck-sizing)
+STEP_CONTEXT = "kv-cache"  # Context.mask of the step variant in the grafted module's variants
+
+
+# -- the step module -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepLayout:
+    """The cache geometry of a decoder: layers, key/value heads, head dim."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    cache_arg: str      # the forward's cache keyword: "cache" (transformers >= 5.2x) or "past_key_values"
+
+    @property
+    def past(self) -> list[str]:
+        return past_names(self.layers)
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_{i}_{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present_{i}_{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def step_layout(model: nn.Module) -> StepLayout:
+    """The cache layout of `model` (a Hugging Face causal LM), or a GraftError saying why it has none."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise GraftError(f"{type(model).__name__} is not a Hugging Face generative model (no config / generate): "
+                         "g.generate needs a causal LM such as LlamaForCausalLM")
+    if getattr(config, "is_encoder_decoder", False):
+        raise GraftError("g.generate with a KV-cache step graph supports decoder-only causal LMs; "
+                         f"{type(model).__name__} is an encoder-decoder")
+    text = config.get_text_config(decoder=True)
+    layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise GraftError(f"{type(model).__name__} has {sorted(layer_types)} layers; the step graph keeps a full "
+                         "(not sliding-window or linear) cache for every layer")
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    if cache_arg not in params or "position_ids" not in params:
+        raise GraftError(f"{type(model).__name__}.forward takes no {cache_arg} / position_ids: it cannot decode "
+                         "with a KV cache")
+    return StepLayout(int(text.num_hidden_layers), kv_heads, head_dim, cache_arg)
+
+
+def _shallow_view(model: nn.Module) -> nn.Module:
+    """A new module object sharing `model`'s submodules, parameters, config (own attribute dicts, so
+    setting an attribute on the view never reaches the model)."""
+    view = copy.copy(model)
+    view.__dict__ = dict(model.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        view.__dict__[key] = dict(model.__dict__[key])
+    return view
+
+
+def step_module(model: nn.Module, layout: StepLayout) -> nn.Module:
+    """`model` (same parameter names) whose forward is the flat KV-cache step (module docstring)."""
+    from transformers import DynamicCache
+
+    step = _shallow_view(model)
+    names = layout.past
+    forward = type(model).forward
+
+    def flat_forward(**inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = DynamicCache()
+        for i in range(layout.layers):
+            cache.update(inputs[names[2 * i]], inputs[names[2 * i + 1]], i)  # (B, H_kv, P, D)
+        out = forward(step, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      position_ids=inputs["position_ids"], use_cache=True, **{layout.cache_arg: cache})
+        return (out.logits,) + tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    flat_forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, kind) for n in ("input_ids", "attention_mask", "position_ids", *names)])
+    step.__dict__["forward"] = flat_forward
+    return step
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def step_examples(model: nn.Module, layout: StepLayout, batch: int = BATCH, seq: int = SEQ,
+                  past: int = PAST) -> dict[str, torch.Tensor]:
+    """Trace inputs for the step module: `past` cached positions, `seq` new ones."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 100))
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(1, max(vocab, 2), (batch, seq), generator=generator).to(device),
+        "attention_mask": torch.ones(batch, past + seq, dtype=torch.long, device=device),
+        "position_ids": torch.arange(past, past + seq, device=device).expand(batch, seq).clone(),
+    }
+    shape = (batch, layout.kv_heads, past, layout.head_dim)
+    for name in layout.past:
+        inputs[name] = torch.randn(shape, generator=generator).to(device=device, dtype=_dtype(model))
+    return inputs
+
+
+def _step_dynamic(layout: StepLayout) -> dict[str, Any]:
+    axes: dict[str, Any] = {k: (0, 1) for k in ("input_ids", "attention_mask", "position_ids")}
+    axes.update({name: (0, 2) for name in layout.past})  # batch, cache length
+    return axes
+
+
+# -- the step graph: a variant of the grafted module ---------------------------------------------
+def _context(g: "GraftedModule", layout: StepLayout) -> Any:
+    """The step graph's key among `g`'s variants (a ``Context``: eval mode, the step's inputs)."""
+    inputs = frozenset(["input_ids", "attention_mask", "position_ids", *layout.past])
+    return g._own_context()._replace(training=False, inputs=inputs, mask=STEP_CONTEXT)
+
+
+def step_graph(g: "GraftedModule") -> "GraftedModule":
+    """The grafted step graph of `g` (eval mode, `g`'s active adapters), traced on first use and kept
+    with `g`'s variants (so adding or deleting an adapter replays on it too)."""
+    source = getattr(g, "_merged_from", None)
+    if source is not None:  # a merged module: its source's step graph, merged the same way
+        grafted, names, options = source
+        cached = g.__dict__.get("_step_merged")
+        if cached is None:
+            cached = step_graph(grafted).merge(adapters=names, **options)
+            g.__dict__["_step_merged"] = cached
+        cached._active, cached.training = g._active, False
+        return cached
+    model = g._model
+    if model is None or not g.retraceable:
+        raise GraftError("g.generate needs a module that can re-trace its model (this one was merged in place "
+                         "or built without its model): generate from g.merge() (not inplace) or the unmerged g")
+    layout = step_layout(model)
+    key = _context(g, layout)
+    variant = g._variants.get(key)
+    if variant is None:
+        step = step_module(model, layout)
+        traced = trace(step, step_examples(model, layout), dynamic=_step_dynamic(layout), training=False,
+                       verify=g._traced.verify)
+        traced.extras["step_layout"] = layout
+        variant = g._variants[key] = g.graft_variant(traced, step)
+    variant._active, variant.training = g._active, False
+    return variant
+
+
+def step_traced(g: "GraftedModule") -> Traced:
+    return step_graph(g)._traced
+
+
+# -- generate: Hugging Face's loop on a view whose forward runs the step graph ----------------------
+def _virtual_tokens(g: "GraftedModule") -> dict[str, int]:
+    """Active adapters that prepend virtual tokens (prompt, P-tuning) -> their token count."""
+    return {r.adapter: int(r.config["n"]) for r in g.records
+            if r.adapter in g._active and hasattr(get_method(r.method), "virtual_tokens")}
+
+
+class _StepForward:
+    """The view's forward: cache -> flat past tensors -> step graph -> logits, cache updated."""
+
+    def __init__(self, g: "GraftedModule", adapter_names: Sequence[str] | None):
+        self.g = g
+        self.step = step_graph(g)
+        self.layout: StepLayout = self.step._traced.extras["step_layout"]
+        self.prompts = _virtual_tokens(g)
+        if adapter_names is not None and self.prompts:
+            raise GraftError("adapter_names (mixed batches) supports LoRA adapters; prompt adapters "
+                             f"{sorted(self.prompts)} are active: g.set_active([...]) without them")
+        self.names = None if adapter_names is None else list(adapter_names)
+        self.calls: list[tuple[int, int]] = []  # (new tokens S, cached P) per step: shows the cache is used
+
+    def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if inputs_embeds is not None or input_ids is None:
+            raise GraftError("g.generate takes input_ids (inputs_embeds bypass the grafted embedding graph)")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise GraftError("g.generate returns no attentions / hidden states (the step graph outputs logits "
+                             "and the cache): generate without output_attentions / output_hidden_states")
+        cache = kwargs.get(self.layout.cache_arg)
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        if cache is None:
+            raise GraftError("g.generate: the step needs a cache object (generate(use_cache=False) is not supported)")
+        inputs = self._inputs(input_ids, attention_mask, position_ids, cache)
+        outputs = self._run(inputs, prefill=cache.get_seq_length() == 0)
+        _store(cache, outputs[1:])
+        return CausalLMOutputWithPast(logits=outputs[0], past_key_values=cache)
+
+    def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
+                cache: Any) -> dict[str, torch.Tensor]:
+        batch, seq = input_ids.shape
+        device, past = input_ids.device, cache.get_seq_length()
+        layout = self.layout
+        n = sum(self.prompts.values()) if past else 0  # prompt tokens already in the cache
+        if mask is None:
+            mask = torch.ones(batch, past - n + seq, dtype=torch.long, device=device)
+        if n:
+            mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        if self.prompts or positions is None:  # PEFT's prompt generation: positions count the cache
+            positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
+        inputs = {"input_ids": input_ids, "attention_mask": mask.long(), "position_ids": positions}
+        empty = None
+        for i, name in enumerate(layout.past):
+            layer = cache.layers[i // 2] if i // 2 < len(cache.layers) else None
+            value = None if layer is None or not layer.is_initialized else (layer.keys, layer.values)[i % 2]
+            if value is None or value.numel() == 0:
+                if empty is None:
+                    dtype = _dtype(self.step)
+                    empty = torch.zeros(batch, layout.kv_heads, 0, layout.head_dim, dtype=dtype, device=device)
+                value = empty
+            inputs[name] = value
+        self.calls.append((seq, past))
+        return inputs
+
+    def _run(self, inputs: dict[str, torch.Tensor], prefill: bool) -> tuple[torch.Tensor, ...]:
+        step = self.step
+        active = step._active
+        if self.prompts and not prefill:  # virtual tokens are in the cache already
+            step._active = tuple(a for a in active if a not in self.prompts)
+        try:
+            if self.names is not None:
+                from .mixed import mixed_forward
+
+                return mixed_forward(step, inputs, self._row_names(inputs["input_ids"].shape[0]))
+            return step._run(inputs)
+        finally:
+            step._active = active
+
+    def _row_names(self, rows: int) -> list[str]:
+        names = self.names or []
+        if rows == len(names):
+            return names
+        if names and rows % len(names) == 0:  # beams / return sequences: rows repeat their prompt's name
+            return [name for name in names for _ in range(rows // len(names))]
+        raise GraftError(f"adapter_names has {len(names)} names but generation runs {rows} rows: give one name "
+                         "per prompt row")
+
+
+def _store(cache: Any, presents: Sequence[torch.Tensor]) -> None:
+    """Put the step's present keys / values (the whole cache, past included) into `cache`'s layers."""
+    from transformers.cache_utils import DynamicLayer
+
+    for i in range(len(presents) // 2):
+        layer = cache.layers[i]
+        if type(layer) is not DynamicLayer:
+            raise GraftError(f"g.generate keeps a dynamic cache; layer {i} is a {type(layer).__name__} "
+                             "(pass no cache_implementation / past_key_values to generate)")
+        key, value = presents[2 * i], presents[2 * i + 1]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+
+
+def generation_view(g: "GraftedModule", adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """A shallow view of `g`'s model (shared config, generation_config, weights) whose forward is the
+    grafted step; ``view.generate(...)`` is Hugging Face's generate through the grafts."""
+    model = g._model if g._model is not None else getattr(g, "_merged_from", (None,))[0]._model
+    view = _shallow_view(model)
+    forward = _StepForward(g, adapter_names)
+    signature = inspect.signature(model.forward)
+    forward.__signature__ = signature  # type: ignore[attr-defined]  # generate reads position_ids, cache, ...
+    view.__dict__["forward"] = forward
+    view.__dict__["graft_step"] = forward
+    view.eval()
+    return view
+
+
+def generate(g: "GraftedModule", *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """``g.generate(**inputs, **generation_kwargs)``: Hugging Face's ``generate`` through the grafted step
+    graph (module docstring); `adapter_names` gives each prompt row its own adapter."""
+    if adapter_names is not None:
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise GraftError("adapter_names is a list with one adapter name (or '__base__') per prompt row")
+        g._check_names([n for n in adapter_names if n != "__base__"])
+    view = generation_view(g, adapter_names)
+    with torch.no_grad():
+        return view.generate(*args, **kwargs)

@@ -1,0 +1,149 @@
+"""``g.generate``: Hugging Face generation through the grafted KV-cache step graph.
+
+References: the eager model's own ``generate`` (adapters off), PEFT's ``generate`` on the same adapter
+(loaded into graftlib with ``graftlib.from_peft``), and each row generated alone (mixed batches).
+Tiny causal LMs (hidden 32, 2 layers) of three families: Llama (GQA, rotary), GPT-2 (Conv1D, learned
+positions), Qwen2 (GQA, q/k/v biases). Prompts are left-padded.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+import graftlib
+from graftlib.errors import GraftError
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB, NEW = 100, 8
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+
+
+def causal_lm(arch: str, seed: int = 0) -> torch.nn.Module:
+    T = transformers
+    configs = {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**_TEXT, num_key_value_heads=2)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_TEXT, num_key_value_heads=2)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),
+    }
+    torch.manual_seed(seed)
+    model = configs[arch]().eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompts(batch: int = 3, seq: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Left-padded prompts: row b has b padding positions."""
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for b in range(batch):
+        mask[b, :b] = 0
+        ids[b, :b] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+ARCHS = ["llama", "gpt2", "qwen2"]
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+                "gpt2": ["c_attn", "c_fc"]}
+MODES = {  # generation kwargs checked against PEFT token for token
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, top_k=20, temperature=0.8),
+    "beam": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+}
+
+
+def _peft_lora(arch: str, seed: int = 0) -> "peft.PeftModel":
+    config = peft.LoraConfig(target_modules=LORA_TARGETS[arch], r=4, lora_alpha=8, lora_dropout=0.0)
+    model = peft.get_peft_model(causal_lm(arch), config).eval()
+    torch.manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)  # non-zero B: the adapter changes the tokens
+    return model
+
+
+_LORA: dict[str, tuple] = {}
+
+
+def lora_pair(arch: str) -> tuple["peft.PeftModel", graftlib.Grafted]:
+    """(PEFT model, graftlib module over a fresh copy of the base) with the same random LoRA factors."""
+    if arch not in _LORA:
+        pm = _peft_lora(arch)
+        with tempfile.TemporaryDirectory() as directory:
+            pm.save_pretrained(directory)
+            g = graftlib.from_peft(causal_lm(arch), directory).eval()
+        _LORA[arch] = (pm, g)
+    return _LORA[arch]
+
+
+def _generate(model, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(**prompts(), max_new_tokens=NEW, **kwargs)
+
+
+# -- adapters off: the eager model's own generate -----------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapters_off_equal_eager_generate(arch):
+    _, g = lora_pair(arch)
+    model = causal_lm(arch)
+    with g.disable_adapters():
+        for mode in ("greedy", "beam"):
+            assert torch.equal(_generate(g, **MODES[mode]), _generate(model, **MODES[mode])), mode
+
+
+# -- LoRA: PEFT's generate, greedy / sampling / beam search ------------------------------------------
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_equals_peft_generate(arch, mode):
+    pm, g = lora_pair(arch)
+    ours, theirs = _generate(g, **MODES[mode]), _generate(pm, **MODES[mode])
+    assert torch.equal(ours, theirs)
+    with g.disable_adapters():
+        assert not torch.equal(_generate(g, **MODES[mode]), ours), "the adapter should change the tokens"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merged_equals_peft_generate(arch):
+    pm, g = lora_pair(arch)
+    merged = g.merge()
+    with g.disable_adapters():
+        assert merged.op_histogram() == g.op_histogram()  # the deltas are folded: the base graph's ops
+    assert torch.equal(_generate(merged, **MODES["greedy"]), _generate(pm, **MODES["greedy"]))
+
+
+def test_decoding_uses_the_cache():
+    """Prefill runs the step graph on the whole prompt with an empty past; every later call gets one new
+    token and the cache so far."""
+    _, g = lora_pair("llama")
+    from graftlib.generate import generation_view
+
+    view = generation_view(g)
+    with torch.no_grad():
+        view.generate(**prompts(), max_new_tokens=5, do_sample=False)
+    seq = prompts()["input_ids"].shape[1]
+    assert view.graft_step.calls == [(seq, 0)] + [(1, seq + i) for i in range(4)]
+
+
+def test_user_model_untouched():
+    model = causal_lm("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    g = graftlib.apply(model, "lora(q,v,r=4)").eval()
+    _generate(g, **MODES["beam"])
+    assert "forward" not in model.__dict__ and model.config.to_dict() == config
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_adapter_names():
+    _, g = lora_pair("llama")
+    with pytest.raises(GraftError, match="no adapter named"):
+        g.generate(**prompts(), max_new_tokens=2, adapter_names=["nope", "default", "default"])
+    with pytest.raises(GraftError, match="one adapter name"):
+        g.generate(**prompts(), max_new_tokens=2, adapter_names="default")
