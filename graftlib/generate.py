@@ -191,9 +191,21 @@ def step_graph(g: "GraftedModule") -> "GraftedModule":
         traced = trace(step, step_examples(model, layout), dynamic=_step_dynamic(layout), training=False,
                        verify=g._traced.verify)
         traced.extras["step_layout"] = layout
+        _drop_input_guards(traced)
         variant = g._variants[key] = g.graft_variant(traced, step)
     variant._active, variant.training = g._active, False
     return variant
+
+
+def _drop_input_guards(traced: Traced) -> None:
+    """Remove torch.export's input-shape guard call from the step graph. Its checks tie the mask length to
+    ``P + S`` as traced; with prompt tuning the prefill's mask also spans the virtual tokens (``n + S``,
+    widened inside the graph by the prompt pass). The step graph is only called with inputs built here."""
+    graph = traced.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+    traced.graph_module.recompile()
 
 
 def step_traced(g: "GraftedModule") -> Traced:
@@ -246,10 +258,10 @@ class _StepForward:
         batch, seq = input_ids.shape
         device, past = input_ids.device, cache.get_seq_length()
         layout = self.layout
-        n = sum(self.prompts.values()) if past else 0  # prompt tokens already in the cache
+        n = sum(self.prompts.values())  # virtual tokens: in the cache, or entering it at this prefill
         if mask is None:
-            mask = torch.ones(batch, past - n + seq, dtype=torch.long, device=device)
-        if n:
+            mask = torch.ones(batch, past - (n if past else 0) + seq, dtype=torch.long, device=device)
+        if n:  # the mask input spans cache + new tokens (the prompt pass widens only length-S inputs)
             mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         if self.prompts or positions is None:  # PEFT's prompt generation: positions count the cache
             positions = torch.arange(past, past + seq, device=device).expand(batch, seq)

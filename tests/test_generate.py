@@ -147,3 +147,45 @@ def test_bad_adapter_names():
         g.generate(**prompts(), max_new_tokens=2, adapter_names=["nope", "default", "default"])
     with pytest.raises(GraftError, match="one adapter name"):
         g.generate(**prompts(), max_new_tokens=2, adapter_names="default")
+
+
+# -- prefix and prompt tuning: PEFT's model, token for token -------------------------------------------
+PROMPT_LEARNING = {"prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                   "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)}
+
+
+def _peft_prompt_learning(arch: str, kind: str) -> tuple["peft.PeftModel", graftlib.Grafted]:
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(causal_lm(arch), PROMPT_LEARNING[kind]()).eval()
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            if "prompt_encoder" in name:
+                param.normal_(0, 0.3)
+    with tempfile.TemporaryDirectory() as directory:
+        pm.save_pretrained(directory)
+        g = graftlib.from_peft(causal_lm(arch), directory).eval()
+    return pm, g
+
+
+def greedy_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The reference decoder: the whole sequence through `model`'s forward at every token, argmax."""
+    for _ in range(new):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", list(PROMPT_LEARNING))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_learning_equals_peft_model(arch, kind):
+    """Prefix tuning (learned keys / values in front of the cache) and prompt tuning (virtual tokens at
+    the prefill only) decode PEFT's model token for token. The reference is PEFT's forward over the whole
+    sequence per token: PEFT 0.21.2's own ``generate`` under transformers 5.25 re-injects the prompt
+    every step (it looks for ``past_key_values``, which transformers now calls ``cache``)."""
+    pm, g = _peft_prompt_learning(arch, kind)
+    batch = prompts()
+    ours = _generate(g, do_sample=False)
+    assert torch.equal(ours, greedy_without_cache(pm, batch["input_ids"], batch["attention_mask"], NEW))
+    assert torch.equal(ours, greedy_without_cache(g, batch["input_ids"], batch["attention_mask"], NEW))
