@@ -189,3 +189,34 @@ def test_prompt_learning_equals_peft_model(arch, kind):
     ours = _generate(g, do_sample=False)
     assert torch.equal(ours, greedy_without_cache(pm, batch["input_ids"], batch["attention_mask"], NEW))
     assert torch.equal(ours, greedy_without_cache(g, batch["input_ids"], batch["attention_mask"], NEW))
+
+
+# -- mixed adapters: each row through its own adapter -------------------------------------------------
+def _two_loras(arch: str) -> graftlib.Grafted:
+    g = graftlib.apply(causal_lm(arch), "lora(q,v,r=4,name=a) + lora(q,v,r=2,name=b)").eval()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for param in g.trainable_parameters().values():
+            param.normal_(0, 0.5)
+    return g
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_adapters_equal_rows_alone(arch, mode):
+    g = _two_loras(arch)
+    names = ["a", "b", "__base__"]
+    batch = prompts()
+    mixed = _generate(g, adapter_names=names, **MODES[mode])
+    rows = mixed.shape[0] // len(names)
+    for b, name in enumerate(names):
+        alone = {k: v[b:b + 1] for k, v in batch.items()}
+        if name == "__base__":
+            context = g.disable_adapters()
+        else:
+            g.set_active(name)
+            context = torch.no_grad()
+        with context, torch.no_grad():
+            expected = g.generate(**alone, max_new_tokens=NEW, **MODES[mode])
+        g.set_active(["a", "b"])
+        assert torch.equal(mixed[b * rows:(b + 1) * rows], expected), name
