@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .protocols import GraftedModule
 
 __all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "present_names",
-           "generation_view"]
+           "generation_view", "prefill_inputs", "step_inputs_dynamic", "virtual_token_adapters", "verification_prompts"]
 
 PAST = 5          # example cache length of the step trace (distinct from BATCH and SEQ: no duck-sizing)
 STEP_CONTEXT = "kv-cache"  # Context.mask of the step variant in the grafted module's variants
@@ -154,7 +154,8 @@ def step_examples(model: nn.Module, layout: StepLayout, batch: int = BATCH, seq:
     return inputs
 
 
-def _step_dynamic(layout: StepLayout) -> dict[str, Any]:
+def step_inputs_dynamic(layout: StepLayout) -> dict[str, Any]:
+    """The step inputs' dynamic axes: batch and sequence; batch and cache length for the past."""
     axes: dict[str, Any] = {k: (0, 1) for k in ("input_ids", "attention_mask", "position_ids")}
     axes.update({name: (0, 2) for name in layout.past})  # batch, cache length
     return axes
@@ -188,7 +189,7 @@ def step_graph(g: "GraftedModule") -> "GraftedModule":
     variant = g._variants.get(key)
     if variant is None:
         step = step_module(model, layout)
-        traced = trace(step, step_examples(model, layout), dynamic=_step_dynamic(layout), training=False,
+        traced = trace(step, step_examples(model, layout), dynamic=step_inputs_dynamic(layout), training=False,
                        verify=g._traced.verify)
         traced.extras["step_layout"] = layout
         _drop_input_guards(traced)
@@ -213,6 +214,40 @@ def step_traced(g: "GraftedModule") -> Traced:
 
 
 # -- generate: Hugging Face's loop on a view whose forward runs the step graph ----------------------
+def virtual_token_adapters(g: "GraftedModule") -> list[str]:
+    return list(_virtual_tokens(g))
+
+
+def verification_prompts(g: "GraftedModule", batch: int = 3, seq: int = 6
+                         ) -> tuple[dict[str, torch.Tensor], Any, int]:
+    """Left-padded prompts (row b has b pads) for checking a generation, with the eos and pad ids
+    Hugging Face's generate uses for `g`'s model (pad: the generation config's, else the first eos)."""
+    model = g._model if g._model is not None else g._merged_from[0]._model
+    vocab = int(model.config.get_text_config(decoder=True).vocab_size)
+    ids = torch.randint(1, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, :row] = 0
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    ids = ids.masked_fill(mask == 0, int(pad))
+    device = next(model.parameters()).device
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, eos, int(pad)
+
+
+def prefill_inputs(step: "GraftedModule", input_ids: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """The step graph's inputs for a prompt: positions from the mask (0 on left padding), empty past."""
+    layout: StepLayout = step._traced.extras["step_layout"]
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    empty = torch.zeros(input_ids.shape[0], layout.kv_heads, 0, layout.head_dim, dtype=_dtype(step),
+                        device=input_ids.device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "position_ids": positions,
+            **{name: empty for name in layout.past}}
+
+
 def _virtual_tokens(g: "GraftedModule") -> dict[str, int]:
     """Active adapters that prepend virtual tokens (prompt, P-tuning) -> their token count."""
     return {r.adapter: int(r.config["n"]) for r in g.records

@@ -220,3 +220,52 @@ def test_mixed_adapters_equal_rows_alone(arch, mode):
             expected = g.generate(**alone, max_new_tokens=NEW, **MODES[mode])
         g.set_active(["a", "b"])
         assert torch.equal(mixed[b * rows:(b + 1) * rows], expected), name
+
+
+# -- ONNX with past: onnxruntime's greedy loop equals PyTorch's --------------------------------------------
+pytest.importorskip("onnxruntime")
+from graftlib.onnx_generate import onnx_generate, past_input_names, present_output_names  # noqa: E402
+
+
+def _check_onnx_with_past(g, path, merge: bool) -> None:
+    report = graftlib.export_onnx(g, path, with_past=True, merge=merge, progress=False)
+    assert list(report.inputs) == ["input_ids", "attention_mask", "position_ids", *past_input_names(2)]
+    assert report.outputs == ["logits", *present_output_names(2)]
+    assert report.inputs["past_key_values.0.key"][0::2] == ["batch", "past_sequence"]
+    batch = prompts()
+    with torch.no_grad():
+        expected = g.generate(**batch, max_new_tokens=NEW, do_sample=False)
+    eos = g._model.generation_config.eos_token_id
+    actual = onnx_generate(str(path), batch["input_ids"], batch["attention_mask"], NEW, eos_token_id=eos)
+    assert actual.tolist() == expected.tolist()
+    assert max(report.max_abs_diff.values()) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", pytest.param("qwen2", marks=pytest.mark.slow)])
+def test_onnx_with_past_lora_merged(arch, tmp_path):
+    _check_onnx_with_past(_two_loras(arch), tmp_path / "decoder.onnx", merge=True)
+
+
+def test_onnx_with_past_prefix_unmerged(tmp_path):
+    _, g = _peft_prompt_learning("llama", "prefix")
+    _check_onnx_with_past(g, tmp_path / "decoder.onnx", merge=False)
+
+
+def test_onnx_with_past_refuses_prompt_tuning(tmp_path):
+    _, g = _peft_prompt_learning("gpt2", "prompt")
+    with pytest.raises(GraftError, match="virtual tokens at the prefill only"):
+        graftlib.export_onnx(g, tmp_path / "decoder.onnx", with_past=True, progress=False)
+    assert not (tmp_path / "decoder.onnx").exists()
+
+
+def test_export_cli_with_past(tmp_path, capsys):
+    from graftlib.tools.export_cli import main
+
+    causal_lm("gpt2").save_pretrained(tmp_path / "base")
+    out = tmp_path / "decoder.onnx"
+    assert main(["--model", str(tmp_path / "base"), "--spec", "lora(c_attn,r=2)", "--merge", "--with-past",
+                 "--quiet", str(out)]) == 0
+    assert "past_key_values.1.value" in capsys.readouterr().out and out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "base"), "--with-past", "--static", str(tmp_path / "x.onnx")])
+    assert exit_info.value.code == 2
