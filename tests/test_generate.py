@@ -29,7 +29,8 @@ def causal_lm(arch: str, seed: int = 0) -> torch.nn.Module:
         "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**_TEXT, num_key_value_heads=2)),
         "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_TEXT, num_key_value_heads=2)),
         "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0,
+                                                       initializer_range=0.2)),
     }
     torch.manual_seed(seed)
     model = configs[arch]().eval()
@@ -167,11 +168,14 @@ def _peft_prompt_learning(arch: str, kind: str) -> tuple["peft.PeftModel", graft
     return pm, g
 
 
-def greedy_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
-    """The reference decoder: the whole sequence through `model`'s forward at every token, argmax."""
+def greedy_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, new: int, offset: int | None) -> torch.Tensor:
+    """The reference decoder: the whole sequence through `model`'s forward at every token, argmax. Position
+    ids from the mask as generate makes them, plus `offset` (PEFT's forward adds a prefix's n itself); None:
+    no position ids (PEFT's prompt tuning ignores them: positions count the virtual tokens too)."""
     for _ in range(new):
+        positions = None if offset is None else (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + offset
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     return ids
@@ -187,8 +191,10 @@ def test_prompt_learning_equals_peft_model(arch, kind):
     pm, g = _peft_prompt_learning(arch, kind)
     batch = prompts()
     ours = _generate(g, do_sample=False)
-    assert torch.equal(ours, greedy_without_cache(pm, batch["input_ids"], batch["attention_mask"], NEW))
-    assert torch.equal(ours, greedy_without_cache(g, batch["input_ids"], batch["attention_mask"], NEW))
+    offset = 0 if kind == "prefix" else None
+    assert torch.equal(ours, greedy_without_cache(pm, batch["input_ids"], batch["attention_mask"], NEW, offset))
+    with g.disable_adapters():
+        assert not torch.equal(_generate(g, do_sample=False), ours), "the adapter should change the tokens"
 
 
 # -- mixed adapters: each row through its own adapter -------------------------------------------------
