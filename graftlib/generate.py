@@ -26,6 +26,13 @@ Methods on the cache path:
   positions count the cache (``arange``), as PEFT's prompt generation does.
 - ``adapter_names=[...]``: one adapter (or ``"__base__"``) per row, the step graph's mixed-batch module
   (``graftlib.mixed``); beam search and ``num_return_sequences`` rows follow their prompt's name.
+
+Encoder-decoders (T5, BART): two more variants, the encoder ``(input_ids, attention_mask) -> hidden``
+run once, and a decoder step ``(decoder_input_ids, encoder_hidden_states, attention_mask, past self-
+attention k/v) -> (logits, presents)``; the view's ``get_encoder()`` is the encoder graph. Cross-attention
+keys / values are recomputed from the encoder states each step (the cross cache's "computed once" flag
+is Python control flow one traced graph cannot hold): two projections per layer and token, no number
+changes.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ if TYPE_CHECKING:
     from .protocols import GraftedModule
 
 __all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "present_names",
-           "generation_view", "prefill_inputs", "step_inputs_dynamic", "virtual_token_adapters", "verification_prompts"]
+           "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic", "virtual_token_adapters", "verification_prompts"]
 
 PAST = 5          # example cache length of the step trace (distinct from BATCH and SEQ: no duck-sizing)
 STEP_CONTEXT = "kv-cache"  # Context.mask of the step variant in the grafted module's variants
@@ -374,6 +381,176 @@ def generate(g: "GraftedModule", *args: Any, adapter_names: Sequence[str] | None
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise GraftError("adapter_names is a list with one adapter name (or '__base__') per prompt row")
         g._check_names([n for n in adapter_names if n != "__base__"])
-    view = generation_view(g, adapter_names)
+    model = g._model if g._model is not None else getattr(g, "_merged_from", (g,))[0]._model
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if adapter_names is not None:
+            raise GraftError("adapter_names (mixed batches) in g.generate supports decoder-only models; "
+                             "generate each adapter's rows with g.set_active(name)")
+        view = seq2seq_view(g)
+    else:
+        view = generation_view(g, adapter_names)
     with torch.no_grad():
         return view.generate(*args, **kwargs)
+
+
+# -- encoder-decoders ---------------------------------------------------------------------------------
+ENCODED = 11  # example encoder length (distinct from BATCH, SEQ, PAST and PAST + SEQ)
+
+
+def seq2seq_layout(model: nn.Module) -> StepLayout:
+    """The decoder's self-attention cache geometry (T5: num_decoder_layers, d_kv; BART: decoder_layers)."""
+    config = model.config
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) \
+        or config.num_hidden_layers
+    heads = getattr(config, "decoder_attention_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "d_kv", None) or config.d_model // heads
+    return StepLayout(int(layers), int(heads), int(head_dim), "past_key_values")
+
+
+def _encoder_module(model: nn.Module) -> nn.Module:
+    view = _shallow_view(model)
+    encoder = model.get_encoder()
+
+    def encode(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    view.__dict__["forward"] = encode
+    return view
+
+
+def _step_module(model: nn.Module, layout: StepLayout) -> nn.Module:
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    step = _shallow_view(model)
+    names, forward = layout.past, type(model).forward
+
+    def flat_forward(**inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        own = DynamicCache()
+        for i in range(layout.layers):
+            own.update(inputs[names[2 * i]], inputs[names[2 * i + 1]], i)  # (B, H, P, D)
+        cache = EncoderDecoderCache(own, DynamicCache())
+        out = forward(step, encoder_outputs=BaseModelOutput(last_hidden_state=inputs["encoder_hidden_states"]),
+                      attention_mask=inputs["attention_mask"], decoder_input_ids=inputs["decoder_input_ids"],
+                      past_key_values=cache, use_cache=True, return_dict=True)
+        return (out.logits,) + tuple(t for layer in own.layers for t in (layer.keys, layer.values))
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    flat_forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, kind) for n in ("decoder_input_ids", "encoder_hidden_states", "attention_mask",
+                                              *names)])
+    step.__dict__["forward"] = flat_forward
+    return step
+
+
+def _seq2seq_examples(model: nn.Module, layout: StepLayout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    device, dtype = next(model.parameters()).device, _dtype(model)
+    generator = torch.Generator().manual_seed(0)
+    vocab, width = int(model.config.vocab_size), int(model.config.d_model)
+    encoder = {"input_ids": torch.randint(1, vocab, (BATCH, ENCODED), generator=generator).to(device),
+               "attention_mask": torch.ones(BATCH, ENCODED, dtype=torch.long, device=device)}
+    step = {"decoder_input_ids": torch.randint(1, vocab, (BATCH, SEQ), generator=generator).to(device),
+            "encoder_hidden_states": torch.randn(BATCH, ENCODED, width, generator=generator).to(device, dtype),
+            "attention_mask": torch.ones(BATCH, ENCODED, dtype=torch.long, device=device)}
+    for name in layout.past:
+        step[name] = torch.randn(BATCH, layout.kv_heads, PAST, layout.head_dim, generator=generator).to(device, dtype)
+    return encoder, step
+
+
+def _seq2seq_variant(g: "GraftedModule", tag: str, module: nn.Module, examples: dict[str, torch.Tensor],
+             dynamic: dict[str, Any]) -> "GraftedModule":
+    key = g._own_context()._replace(training=False, inputs=frozenset(examples), mask=f"{STEP_CONTEXT}:{tag}")
+    variant = g._variants.get(key)
+    if variant is None:
+        traced = trace(module, examples, dynamic=dynamic, training=False, verify=g._traced.verify)
+        variant = g._variants[key] = g.graft_variant(traced, module)
+    variant._active, variant.training = g._active, False
+    return variant
+
+
+def seq2seq_graphs(g: "GraftedModule") -> tuple["GraftedModule", "GraftedModule", StepLayout]:
+    """(encoder graph, decoder step graph, layout) of an encoder-decoder grafted module."""
+    model = g._model
+    if model is None or not g.retraceable:
+        raise GraftError("g.generate needs a module that can re-trace its model: generate from the unmerged g")
+    if _virtual_tokens(g):
+        raise GraftError("g.generate on an encoder-decoder supports adapters on the weights (LoRA, adapters, ...); "
+                         f"prompt adapters {sorted(_virtual_tokens(g))} are active: g.set_active([...]) without them")
+    layout = seq2seq_layout(model)
+    encoder_examples, step_examples = _seq2seq_examples(model, layout)
+    encoder = _seq2seq_variant(g, "encoder", _encoder_module(model), encoder_examples,
+                       {"input_ids": (0, 1), "attention_mask": (0, 1)})
+    dynamic: dict[str, Any] = {"decoder_input_ids": (0, 1), "encoder_hidden_states": (0, 1),
+                               "attention_mask": (0, 1), **{n: (0, 2) for n in layout.past}}
+    step = _seq2seq_variant(g, "decoder", _step_module(model, layout), step_examples, dynamic)
+    return encoder, step, layout
+
+
+class _Encoder(nn.Module):
+    """What ``get_encoder()`` returns on the view: the grafted encoder graph, a ModelOutput back."""
+
+    def __init__(self, graph: "GraftedModule"):
+        super().__init__()
+        object.__setattr__(self, "graph", graph)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if input_ids is None or inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise GraftError("g.generate on an encoder-decoder takes input_ids (no inputs_embeds, attentions or "
+                             "hidden states)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.graph._run({"input_ids": input_ids, "attention_mask": attention_mask.long()})
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+class _DecoderStep:
+    """The view's forward: self-attention cache -> flat past -> step graph -> logits, cache updated."""
+
+    def __init__(self, step: "GraftedModule", layout: StepLayout):
+        self.step, self.layout = step, layout
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, decoder_input_ids: torch.Tensor | None = None, encoder_outputs: Any = None,
+                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import Seq2SeqLMOutput
+
+        cache = past_key_values if past_key_values is not None else kwargs.get("cache")
+        if cache is None or decoder_input_ids is None or encoder_outputs is None:
+            raise GraftError("g.generate: the decoder step needs decoder_input_ids, encoder_outputs and a cache")
+        hidden = encoder_outputs[0]
+        own = cache.self_attention_cache
+        past = own.get_seq_length()
+        batch = decoder_input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        inputs = {"decoder_input_ids": decoder_input_ids, "encoder_hidden_states": hidden,
+                  "attention_mask": attention_mask.long()}
+        empty = torch.zeros(batch, self.layout.kv_heads, 0, self.layout.head_dim, dtype=hidden.dtype,
+                            device=hidden.device)
+        for i, name in enumerate(self.layout.past):
+            layer = own.layers[i // 2] if i // 2 < len(own.layers) else None
+            value = empty if layer is None or not layer.is_initialized else (layer.keys, layer.values)[i % 2]
+            inputs[name] = value if value.numel() else empty
+        self.calls.append((decoder_input_ids.shape[1], past))
+        outputs = self.step._run(inputs)
+        _store(own, outputs[1:])
+        return Seq2SeqLMOutput(logits=outputs[0], past_key_values=cache)
+
+
+def seq2seq_view(g: "GraftedModule") -> nn.Module:
+    """A shallow view of `g`'s encoder-decoder whose encoder and decoder steps run the grafted graphs."""
+    encoder_graph, step, layout = seq2seq_graphs(g)
+    model = g._model
+    view = _shallow_view(model)
+    encoder = _Encoder(encoder_graph)
+    forward = _DecoderStep(step, layout)
+    forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
+    view.__dict__["forward"] = forward
+    view.__dict__["graft_step"] = forward
+    view.__dict__["get_encoder"] = lambda *args, **kwargs: encoder
+    view.eval()
+    return view

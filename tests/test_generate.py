@@ -275,3 +275,43 @@ def test_export_cli_with_past(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path / "base"), "--with-past", "--static", str(tmp_path / "x.onnx")])
     assert exit_info.value.code == 2
+
+
+# -- encoder-decoders: the grafted encoder once, then the decoder step with a self-attention cache ------
+SEQ2SEQ = {
+    "t5": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)), ["q", "v", "wo"]),
+    "bart": (lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        init_std=0.2)), ["q_proj", "v_proj", "fc1"]),
+}
+
+
+@pytest.mark.parametrize("arch", ["t5", pytest.param("bart", marks=pytest.mark.slow)])
+def test_encoder_decoder_equals_peft_generate(arch):
+    build, targets = SEQ2SEQ[arch]
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(build().eval(), peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8)).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)
+    torch.manual_seed(0)
+    base = build().eval()
+    with tempfile.TemporaryDirectory() as directory:
+        pm.save_pretrained(directory)
+        g = graftlib.from_peft(base, directory).eval()
+    for mode in ("greedy", "beam"):
+        ours = _generate(g, **MODES[mode])
+        assert torch.equal(ours, _generate(pm, **MODES[mode])), mode
+        with g.disable_adapters():
+            assert torch.equal(_generate(g, **MODES[mode]), _generate(base, **MODES[mode])), mode
+    from graftlib.generate import seq2seq_view
+
+    view = seq2seq_view(g)
+    with torch.no_grad():
+        view.generate(**prompts(), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert view.graft_step.calls == [(1, 0), (1, 1), (1, 2), (1, 3)]  # one decoder token per call, cache grows
