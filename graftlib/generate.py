@@ -288,8 +288,7 @@ class _StepForward:
         cache = kwargs.get(self.layout.cache_arg)
         if cache is None:
             cache = kwargs.get("past_key_values")
-        if cache is None:
-            raise GraftError("g.generate: the step needs a cache object (generate(use_cache=False) is not supported)")
+        _check_cache(cache)
         inputs = self._inputs(input_ids, attention_mask, position_ids, cache)
         outputs = self._run(inputs, prefill=cache.get_seq_length() == 0)
         _store(cache, outputs[1:])
@@ -343,6 +342,16 @@ class _StepForward:
             return [name for name in names for _ in range(rows // len(names))]
         raise GraftError(f"adapter_names has {len(names)} names but generation runs {rows} rows: give one name "
                          "per prompt row")
+
+
+def _check_cache(cache: Any) -> None:
+    from transformers import DynamicCache
+
+    if cache is None:
+        raise GraftError("g.generate: the step needs a cache object (generate(use_cache=False) is not supported)")
+    if not isinstance(cache, DynamicCache):
+        raise GraftError(f"g.generate keeps a dynamic cache; generate passed a {type(cache).__name__} (drop "
+                         "cache_implementation= / past_key_values= from the generate call)")
 
 
 def _store(cache: Any, presents: Sequence[torch.Tensor]) -> None:

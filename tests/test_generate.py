@@ -315,3 +315,14 @@ def test_encoder_decoder_equals_peft_generate(arch):
     with torch.no_grad():
         view.generate(**prompts(), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert view.graft_step.calls == [(1, 0), (1, 1), (1, 2), (1, 3)]  # one decoder token per call, cache grows
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cache_implementation="static"), "keeps a dynamic cache"),
+    (dict(output_attentions=True, return_dict_in_generate=True), "no attentions"),
+    (dict(use_cache=False), "needs a cache"),
+])
+def test_unsupported_generate_options(kwargs, message):
+    _, g = lora_pair("llama")
+    with pytest.raises(GraftError, match=message):
+        g.generate(**prompts(), max_new_tokens=2, **kwargs)
