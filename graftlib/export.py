@@ -758,7 +758,8 @@ def _past_names(model: Any, names: Mapping[str, str]) -> None:
 
 def _verify_generation(g: Grafted, onnx_path: str, tolerance: float) -> dict[str, float]:
     """Greedy generation in onnxruntime equals ``g.generate`` in PyTorch token for token, and the
-    prefill's logits (at the prompt's tokens, not its padding) agree within `tolerance` (GraftError if not); returns the logits' max abs diff."""
+    prefill's logits (at the prompt's tokens, not its padding) agree within `tolerance` (GraftError if
+    not); returns the logits' max abs diff."""
     from .generate import prefill_inputs, step_graph, verification_prompts
     from .onnx_generate import onnx_generate, past_input_names, session_for
 

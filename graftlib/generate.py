@@ -52,8 +52,9 @@ from .trace import BATCH, SEQ, Traced, trace
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "present_names",
-           "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic", "virtual_token_adapters", "verification_prompts"]
+__all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "past_inputs", "user_model",
+           "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic",
+           "virtual_token_adapters", "verification_prompts"]
 
 PAST = 5          # example cache length of the step trace (distinct from BATCH and SEQ: no duck-sizing)
 STEP_CONTEXT = "kv-cache"  # Context.mask of the step variant in the grafted module's variants
@@ -76,10 +77,6 @@ class StepLayout:
 
 def past_names(layers: int) -> list[str]:
     return [f"past_{i}_{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
-def present_names(layers: int) -> list[str]:
-    return [f"present_{i}_{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
 def step_layout(model: nn.Module) -> StepLayout:
@@ -105,6 +102,15 @@ def step_layout(model: nn.Module) -> StepLayout:
         raise GraftError(f"{type(model).__name__}.forward takes no {cache_arg} / position_ids: it cannot decode "
                          "with a KV cache")
     return StepLayout(int(text.num_hidden_layers), kv_heads, head_dim, cache_arg)
+
+
+def user_model(g: "GraftedModule") -> nn.Module:
+    """The model `g` was grafted on (a merged module's: its source's)."""
+    source = getattr(g, "_merged_from", None)
+    model = g._model if g._model is not None or source is None else source[0]._model
+    if model is None:
+        raise GraftError("g.generate needs the model this module was grafted on (it was built without it)")
+    return model
 
 
 def _shallow_view(model: nn.Module) -> nn.Module:
@@ -216,10 +222,6 @@ def _drop_input_guards(traced: Traced) -> None:
     traced.graph_module.recompile()
 
 
-def step_traced(g: "GraftedModule") -> Traced:
-    return step_graph(g)._traced
-
-
 # -- generate: Hugging Face's loop on a view whose forward runs the step graph ----------------------
 def virtual_token_adapters(g: "GraftedModule") -> list[str]:
     return list(_virtual_tokens(g))
@@ -229,7 +231,7 @@ def verification_prompts(g: "GraftedModule", batch: int = 3, seq: int = 6
                          ) -> tuple[dict[str, torch.Tensor], Any, int]:
     """Left-padded prompts (row b has b pads) for checking a generation, with the eos and pad ids
     Hugging Face's generate uses for `g`'s model (pad: the generation config's, else the first eos)."""
-    model = g._model if g._model is not None else g._merged_from[0]._model
+    model = user_model(g)
     vocab = int(model.config.get_text_config(decoder=True).vocab_size)
     ids = torch.randint(1, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
@@ -250,7 +252,7 @@ def prefill_inputs(step: "GraftedModule", input_ids: torch.Tensor, attention_mas
     layout: StepLayout = step._traced.extras["step_layout"]
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     empty = torch.zeros(input_ids.shape[0], layout.kv_heads, 0, layout.head_dim, dtype=_dtype(step),
-                        device=input_ids.device)
+                        device=input_ids.device)  # (B, H_kv, 0, D)
     return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "position_ids": positions,
             **{name: empty for name in layout.past}}
 
@@ -265,7 +267,6 @@ class _StepForward:
     """The view's forward: cache -> flat past tensors -> step graph -> logits, cache updated."""
 
     def __init__(self, g: "GraftedModule", adapter_names: Sequence[str] | None):
-        self.g = g
         self.step = step_graph(g)
         self.layout: StepLayout = self.step._traced.extras["step_layout"]
         self.prompts = _virtual_tokens(g)
@@ -298,7 +299,6 @@ class _StepForward:
                 cache: Any) -> dict[str, torch.Tensor]:
         batch, seq = input_ids.shape
         device, past = input_ids.device, cache.get_seq_length()
-        layout = self.layout
         n = sum(self.prompts.values())  # virtual tokens: in the cache, or entering it at this prefill
         if mask is None:
             mask = torch.ones(batch, past - (n if past else 0) + seq, dtype=torch.long, device=device)
@@ -307,18 +307,8 @@ class _StepForward:
         if self.prompts or positions is None:  # PEFT's prompt generation: positions count the cache
             positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
         inputs = {"input_ids": input_ids, "attention_mask": mask.long(), "position_ids": positions}
-        empty = None
-        for i, name in enumerate(layout.past):
-            layer = cache.layers[i // 2] if i // 2 < len(cache.layers) else None
-            value = None if layer is None or not layer.is_initialized else (layer.keys, layer.values)[i % 2]
-            if value is None or value.numel() == 0:
-                if empty is None:
-                    dtype = _dtype(self.step)
-                    empty = torch.zeros(batch, layout.kv_heads, 0, layout.head_dim, dtype=dtype, device=device)
-                value = empty
-            inputs[name] = value
         self.calls.append((seq, past))
-        return inputs
+        return {**inputs, **past_inputs(cache, self.layout, batch, _dtype(self.step), device)}
 
     def _run(self, inputs: dict[str, torch.Tensor], prefill: bool) -> tuple[torch.Tensor, ...]:
         step = self.step
@@ -342,6 +332,18 @@ class _StepForward:
             return [name for name in names for _ in range(rows // len(names))]
         raise GraftError(f"adapter_names has {len(names)} names but generation runs {rows} rows: give one name "
                          "per prompt row")
+
+
+def past_inputs(cache: Any, layout: StepLayout, batch: int, dtype: torch.dtype, device: torch.device
+                ) -> dict[str, torch.Tensor]:
+    """`cache`'s keys / values as the step's past inputs; (B, H, 0, D) where a layer holds nothing yet."""
+    empty = torch.zeros(batch, layout.kv_heads, 0, layout.head_dim, dtype=dtype, device=device)
+    inputs = {}
+    for i, name in enumerate(layout.past):
+        layer = cache.layers[i // 2] if i // 2 < len(cache.layers) else None
+        value = None if layer is None or not layer.is_initialized else (layer.keys, layer.values)[i % 2]
+        inputs[name] = empty if value is None or value.numel() == 0 else value
+    return inputs
 
 
 def _check_cache(cache: Any) -> None:
@@ -372,7 +374,7 @@ def _store(cache: Any, presents: Sequence[torch.Tensor]) -> None:
 def generation_view(g: "GraftedModule", adapter_names: Sequence[str] | None = None) -> nn.Module:
     """A shallow view of `g`'s model (shared config, generation_config, weights) whose forward is the
     grafted step; ``view.generate(...)`` is Hugging Face's generate through the grafts."""
-    model = g._model if g._model is not None else getattr(g, "_merged_from", (None,))[0]._model
+    model = user_model(g)
     view = _shallow_view(model)
     forward = _StepForward(g, adapter_names)
     signature = inspect.signature(model.forward)
@@ -390,7 +392,7 @@ def generate(g: "GraftedModule", *args: Any, adapter_names: Sequence[str] | None
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise GraftError("adapter_names is a list with one adapter name (or '__base__') per prompt row")
         g._check_names([n for n in adapter_names if n != "__base__"])
-    model = g._model if g._model is not None else getattr(g, "_merged_from", (g,))[0]._model
+    model = user_model(g)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         if adapter_names is not None:
             raise GraftError("adapter_names (mixed batches) in g.generate supports decoder-only models; "
@@ -538,12 +540,7 @@ class _DecoderStep:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         inputs = {"decoder_input_ids": decoder_input_ids, "encoder_hidden_states": hidden,
                   "attention_mask": attention_mask.long()}
-        empty = torch.zeros(batch, self.layout.kv_heads, 0, self.layout.head_dim, dtype=hidden.dtype,
-                            device=hidden.device)
-        for i, name in enumerate(self.layout.past):
-            layer = own.layers[i // 2] if i // 2 < len(own.layers) else None
-            value = empty if layer is None or not layer.is_initialized else (layer.keys, layer.values)[i % 2]
-            inputs[name] = value if value.numel() else empty
+        inputs.update(past_inputs(own, self.layout, batch, hidden.dtype, hidden.device))
         self.calls.append((decoder_input_ids.shape[1], past))
         outputs = self.step._run(inputs)
         _store(own, outputs[1:])

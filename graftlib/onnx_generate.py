@@ -101,7 +101,8 @@ def onnx_generate(model: Any, input_ids: Any, attention_mask: Any = None, max_ne
         mask = np.concatenate([mask, np.ones_like(token)[:, None]], axis=1)
         feed = {"input_ids": token[:, None], "attention_mask": mask,
                 "position_ids": feed["position_ids"][:, -1:] + 1}
-        feed.update({k.replace("present.", "past_key_values."): v for k, v in results.items() if k.startswith("present.")})
+        feed.update({k.replace("present.", "past_key_values."): v for k, v in results.items()
+                     if k.startswith("present.")})  # (B, H_kv, P + 1, D)
     return out
 
 

@@ -750,9 +750,11 @@ def _decode_rows(quick: bool, reps: int) -> list[Row]:
                                     "peft": lambda: peft_model.generate(**x, **kwargs),
                                     "merged": lambda: merged.generate(**x, **kwargs),
                                     "base": lambda: base.generate(**x, **kwargs)}, batch * new, reps)
-        rows.append(Row("7 decode tokens/s", f"{name} greedy, batch {batch}, {new} new tokens, LoRA unmerged, 1 thread",
+        rows.append(Row("7 decode tokens/s",
+                        f"{name} greedy, batch {batch}, {new} new tokens, LoRA unmerged, 1 thread",
                         t["graftlib"], t["peft"], t["base"], unit="tok/s", note="higher is better"))
-        rows.append(Row("7 decode tokens/s", f"{name} greedy, batch {batch}, {new} new tokens, graftlib merged, 1 thread",
+        rows.append(Row("7 decode tokens/s",
+                        f"{name} greedy, batch {batch}, {new} new tokens, graftlib merged, 1 thread",
                         t["merged"], base=t["base"], unit="tok/s", note="higher is better"))
     rows.append(_decode_mixed(base, name, new, reps))
     rows += _decode_onnx(g, name, reps)
@@ -801,7 +803,8 @@ def _decode_onnx(g: Any, name: str, reps: int, context: int = 128) -> list[Row]:
         step = {"input_ids": torch.randint(0, 100, (1, 1), generator=rng).numpy(),
                 "attention_mask": torch.ones(1, context + 1, dtype=torch.long).numpy(),
                 "position_ids": torch.tensor([[context]]).numpy(),
-                **{n: torch.randn(1, heads, context, dim, generator=rng).numpy() for n in past_input_names(layers // 2)}}
+                **{n: torch.randn(1, heads, context, dim, generator=rng).numpy()  # (1, H_kv, context, D)
+                   for n in past_input_names(layers // 2)}}
         ids = torch.randint(0, 100, (1, context + 1), generator=rng)
         whole = {i.name: v for i, v in zip(full.get_inputs(), (ids.numpy(), torch.ones_like(ids).numpy()))}
         t = _median_interleaved({"past": lambda: past.run(None, step), "full": lambda: full.run(None, whole)},
