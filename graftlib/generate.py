@@ -175,15 +175,23 @@ def step_inputs_dynamic(layout: StepLayout) -> dict[str, Any]:
 
 
 # -- the step graph: a variant of the grafted module ---------------------------------------------
-def _context(g: "GraftedModule", layout: StepLayout) -> Any:
-    """The step graph's key among `g`'s variants (a ``Context``: eval mode, the step's inputs)."""
-    inputs = frozenset(["input_ids", "attention_mask", "position_ids", *layout.past])
-    return g._own_context()._replace(training=False, inputs=inputs, mask=STEP_CONTEXT)
+def _cached_variant(g: "GraftedModule", tag: str, build: Any, examples: dict[str, torch.Tensor],
+                    dynamic: dict[str, Any]) -> "GraftedModule":
+    """`g`'s variant for the module `build()` makes (traced in eval mode on `examples`), kept among `g`'s
+    variants under an eval ``Context`` of its own (so adding or deleting an adapter replays on it too)."""
+    key = g._own_context()._replace(training=False, inputs=frozenset(examples), mask=f"{STEP_CONTEXT}:{tag}")
+    variant = g._variants.get(key)
+    if variant is None:
+        module = build()
+        traced = trace(module, examples, dynamic=dynamic, training=False, verify=g._traced.verify)
+        _drop_input_guards(traced)
+        variant = g._variants[key] = g.graft_variant(traced, module)
+    variant._active, variant.training = g._active, False
+    return variant
 
 
 def step_graph(g: "GraftedModule") -> "GraftedModule":
-    """The grafted step graph of `g` (eval mode, `g`'s active adapters), traced on first use and kept
-    with `g`'s variants (so adding or deleting an adapter replays on it too)."""
+    """The grafted step graph of `g` (eval mode, `g`'s active adapters), traced on first use."""
     source = getattr(g, "_merged_from", None)
     if source is not None:  # a merged module: its source's step graph, merged the same way
         grafted, names, options = source
@@ -198,23 +206,16 @@ def step_graph(g: "GraftedModule") -> "GraftedModule":
         raise GraftError("g.generate needs a module that can re-trace its model (this one was merged in place "
                          "or built without its model): generate from g.merge() (not inplace) or the unmerged g")
     layout = step_layout(model)
-    key = _context(g, layout)
-    variant = g._variants.get(key)
-    if variant is None:
-        step = step_module(model, layout)
-        traced = trace(step, step_examples(model, layout), dynamic=step_inputs_dynamic(layout), training=False,
-                       verify=g._traced.verify)
-        traced.extras["step_layout"] = layout
-        _drop_input_guards(traced)
-        variant = g._variants[key] = g.graft_variant(traced, step)
-    variant._active, variant.training = g._active, False
+    variant = _cached_variant(g, "causal", lambda: step_module(model, layout), step_examples(model, layout),
+                              step_inputs_dynamic(layout))
+    variant._traced.extras["step_layout"] = layout
     return variant
 
 
 def _drop_input_guards(traced: Traced) -> None:
-    """Remove torch.export's input-shape guard call from the step graph. Its checks tie the mask length to
+    """Remove torch.export's input-shape guard call from a step graph. Its checks tie the mask length to
     ``P + S`` as traced; with prompt tuning the prefill's mask also spans the virtual tokens (``n + S``,
-    widened inside the graph by the prompt pass). The step graph is only called with inputs built here."""
+    widened inside the graph by the prompt pass). Step graphs are only called with inputs built here."""
     graph = traced.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
@@ -454,7 +455,9 @@ def _step_module(model: nn.Module, layout: StepLayout) -> nn.Module:
     return step
 
 
-def _seq2seq_examples(model: nn.Module, layout: StepLayout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _seq2seq_examples(model: nn.Module, layout: StepLayout
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Trace inputs: the encoder's, and the decoder step's (PAST cached self-attention positions)."""
     device, dtype = next(model.parameters()).device, _dtype(model)
     generator = torch.Generator().manual_seed(0)
     vocab, width = int(model.config.vocab_size), int(model.config.d_model)
@@ -468,17 +471,6 @@ def _seq2seq_examples(model: nn.Module, layout: StepLayout) -> tuple[dict[str, t
     return encoder, step
 
 
-def _seq2seq_variant(g: "GraftedModule", tag: str, module: nn.Module, examples: dict[str, torch.Tensor],
-             dynamic: dict[str, Any]) -> "GraftedModule":
-    key = g._own_context()._replace(training=False, inputs=frozenset(examples), mask=f"{STEP_CONTEXT}:{tag}")
-    variant = g._variants.get(key)
-    if variant is None:
-        traced = trace(module, examples, dynamic=dynamic, training=False, verify=g._traced.verify)
-        variant = g._variants[key] = g.graft_variant(traced, module)
-    variant._active, variant.training = g._active, False
-    return variant
-
-
 def seq2seq_graphs(g: "GraftedModule") -> tuple["GraftedModule", "GraftedModule", StepLayout]:
     """(encoder graph, decoder step graph, layout) of an encoder-decoder grafted module."""
     model = g._model
@@ -489,11 +481,11 @@ def seq2seq_graphs(g: "GraftedModule") -> tuple["GraftedModule", "GraftedModule"
                          f"prompt adapters {sorted(_virtual_tokens(g))} are active: g.set_active([...]) without them")
     layout = seq2seq_layout(model)
     encoder_examples, step_examples = _seq2seq_examples(model, layout)
-    encoder = _seq2seq_variant(g, "encoder", _encoder_module(model), encoder_examples,
-                       {"input_ids": (0, 1), "attention_mask": (0, 1)})
+    encoder = _cached_variant(g, "encoder", lambda: _encoder_module(model), encoder_examples,
+                              {"input_ids": (0, 1), "attention_mask": (0, 1)})
     dynamic: dict[str, Any] = {"decoder_input_ids": (0, 1), "encoder_hidden_states": (0, 1),
                                "attention_mask": (0, 1), **{n: (0, 2) for n in layout.past}}
-    step = _seq2seq_variant(g, "decoder", _step_module(model, layout), step_examples, dynamic)
+    step = _cached_variant(g, "decoder", lambda: _step_module(model, layout), step_examples, dynamic)
     return encoder, step, layout
 
 
