@@ -10,7 +10,7 @@ attribute dicts). The step graph is the model traced with a KV cache, flat tenso
          past_{i}_key / past_{i}_value (B, H_kv, P, D) for each layer i)
       -> (logits (B, S, V), present_{i}_key / present_{i}_value (B, H_kv, P+S, D) ...)
 
-built around transformers' ``DynamicCache`` (filled from the past tensors inside the traced forward),
+built around transformers' ``DynamicCache`` (holding the past tensors inside the traced forward),
 with B, S and P dynamic: the prefill is the same graph at ``P = 0`` (empty past), each decoding step
 at ``S = 1``. It is one more variant of the grafted module (``Grafted.graft_variant``): the grafts are
 replayed on it with the parameters and adapter store shared, so training the module trains what
@@ -52,7 +52,7 @@ from .trace import BATCH, SEQ, Traced, trace
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "past_inputs", "user_model",
+__all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "past_inputs", "filled_cache", "user_model",
            "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic",
            "virtual_token_adapters", "verification_prompts"]
 
@@ -132,9 +132,7 @@ def step_module(model: nn.Module, layout: StepLayout) -> nn.Module:
     forward = type(model).forward
 
     def flat_forward(**inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = DynamicCache()
-        for i in range(layout.layers):
-            cache.update(inputs[names[2 * i]], inputs[names[2 * i + 1]], i)  # (B, H_kv, P, D)
+        cache = filled_cache(DynamicCache(), [inputs[name] for name in names])  # (B, H_kv, P, D) each
         out = forward(step, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       position_ids=inputs["position_ids"], use_cache=True, **{layout.cache_arg: cache})
         return (out.logits,) + tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
@@ -293,7 +291,7 @@ class _StepForward:
         _check_cache(cache)
         inputs = self._inputs(input_ids, attention_mask, position_ids, cache)
         outputs = self._run(inputs, prefill=cache.get_seq_length() == 0)
-        _store(cache, outputs[1:])
+        filled_cache(cache, outputs[1:])  # the presents: the whole cache, past included
         return CausalLMOutputWithPast(logits=outputs[0], past_key_values=cache)
 
     def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
@@ -357,19 +355,24 @@ def _check_cache(cache: Any) -> None:
                          "cache_implementation= / past_key_values= from the generate call)")
 
 
-def _store(cache: Any, presents: Sequence[torch.Tensor]) -> None:
-    """Put the step's present keys / values (the whole cache, past included) into `cache`'s layers."""
+def filled_cache(cache: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """`cache` holding `tensors` (key, value per layer) as they are: no copy (``update`` would concatenate
+    them onto an empty tensor, a second copy of the whole cache per step inside the step graph)."""
     from transformers.cache_utils import DynamicLayer
 
-    for i in range(len(presents) // 2):
+    for i in range(len(tensors) // 2):
+        while len(cache.layers) <= i:
+            cache.layers.append(DynamicLayer())
         layer = cache.layers[i]
         if type(layer) is not DynamicLayer:
             raise GraftError(f"g.generate keeps a dynamic cache; layer {i} is a {type(layer).__name__} "
                              "(pass no cache_implementation / past_key_values to generate)")
-        key, value = presents[2 * i], presents[2 * i + 1]
+        key, value = tensors[2 * i], tensors[2 * i + 1]
         if not layer.is_initialized:
             layer.lazy_initialization(key, value)
         layer.keys, layer.values = key, value
+    return cache
+
 
 
 def generation_view(g: "GraftedModule", adapter_names: Sequence[str] | None = None) -> nn.Module:
@@ -438,9 +441,7 @@ def _step_module(model: nn.Module, layout: StepLayout) -> nn.Module:
     names, forward = layout.past, type(model).forward
 
     def flat_forward(**inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        own = DynamicCache()
-        for i in range(layout.layers):
-            own.update(inputs[names[2 * i]], inputs[names[2 * i + 1]], i)  # (B, H, P, D)
+        own = filled_cache(DynamicCache(), [inputs[name] for name in names])  # (B, H, P, D) each
         cache = EncoderDecoderCache(own, DynamicCache())
         out = forward(step, encoder_outputs=BaseModelOutput(last_hidden_state=inputs["encoder_hidden_states"]),
                       attention_mask=inputs["attention_mask"], decoder_input_ids=inputs["decoder_input_ids"],
@@ -535,7 +536,7 @@ class _DecoderStep:
         inputs.update(past_inputs(own, self.layout, batch, hidden.dtype, hidden.device))
         self.calls.append((decoder_input_ids.shape[1], past))
         outputs = self.step._run(inputs)
-        _store(own, outputs[1:])
+        filled_cache(own, outputs[1:])
         return Seq2SeqLMOutput(logits=outputs[0], past_key_values=cache)
 
 
