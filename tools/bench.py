@@ -708,7 +708,7 @@ def _decode_parity() -> list[Row]:
                 eager = _causal_lm(arch).generate(**x, max_new_tokens=new, do_sample=False)[:, 6:]
             note = f"PEFT forward per token: {100 * (ours == loop).float().mean():.0f}%; adapters off vs HF " \
                    f"generate: {100 * (off == eager).float().mean():.0f}%"
-            rows.append(Row("7 decode parity", f"{arch} {kind}, greedy 3x{new} tokens: % equal to PEFT generate",
+            rows.append(Row("11 decode parity", f"{arch} {kind}, greedy 3x{new} tokens: % equal to PEFT generate",
                             100 * (ours == theirs).float().mean().item(), unit="%", note=note))
     return rows
 
@@ -750,10 +750,10 @@ def _decode_rows(quick: bool, reps: int) -> list[Row]:
                                     "peft": lambda: peft_model.generate(**x, **kwargs),
                                     "merged": lambda: merged.generate(**x, **kwargs),
                                     "base": lambda: base.generate(**x, **kwargs)}, batch * new, reps)
-        rows.append(Row("7 decode tokens/s",
+        rows.append(Row("11 decode tokens/s",
                         f"{name} greedy, batch {batch}, {new} new tokens, LoRA unmerged, 1 thread",
                         t["graftlib"], t["peft"], t["base"], unit="tok/s", note="higher is better"))
-        rows.append(Row("7 decode tokens/s",
+        rows.append(Row("11 decode tokens/s",
                         f"{name} greedy, batch {batch}, {new} new tokens, graftlib merged, 1 thread",
                         t["merged"], base=t["base"], unit="tok/s", note="higher is better"))
     rows.append(_decode_mixed(base, name, new, reps))
@@ -777,7 +777,7 @@ def _decode_mixed(base: torch.nn.Module, name: str, new: int, reps: int, n: int 
     with torch.inference_mode():
         t = _median_interleaved({"mixed": lambda: g.generate(**x, adapter_names=names, **kwargs),
                                  "single": single}, reps, warmup=1)
-    return Row("7 decode mixed adapters", f"{name} batch 8, {n} adapters (one per row) vs one adapter, {new} tokens",
+    return Row("11 decode mixed adapters", f"{name} batch 8, {n} adapters (one per row) vs one adapter, {new} tokens",
                t["mixed"], base=t["single"], note="graftlib/base = mixed / single-adapter time (target <= 1.10)")
 
 
@@ -810,7 +810,7 @@ def _decode_onnx(g: Any, name: str, reps: int, context: int = 128) -> list[Row]:
         t = _median_interleaved({"past": lambda: past.run(None, step), "full": lambda: full.run(None, whole)},
                                 max(reps, 10))
     diff = max(report.max_abs_diff.values())
-    return [Row("7 onnxruntime decode", f"{name} batch 1, context {context}: ms per token, with past vs without",
+    return [Row("11 onnxruntime decode", f"{name} batch 1, context {context}: ms per token, with past vs without",
                 t["past"], base=t["full"],
                 note=f"export verified: greedy tokens equal PyTorch, prefill logits diff {diff:.1e}")]
 
