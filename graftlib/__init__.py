@@ -9,6 +9,7 @@ from . import diff  # the package is callable: graftlib.diff(before, after) -> G
 from .errors import GraftError, GraftSpecError, LoadError, TraceError
 from .export import export_onnx
 from .grafted import Grafted, GraftRecord, apply
+from .onnx_generate import onnx_generate
 from .io import load, save
 from .peft import from_peft, save_peft
 from .preview import select
@@ -17,7 +18,7 @@ from .trace import Traced, example_inputs_for, trace
 
 __all__ = [
     "apply", "trace", "select", "load", "save", "parse_spec", "example_inputs_for", "from_peft", "save_peft",
-    "export_onnx", "diff",
+    "export_onnx", "diff", "onnx_generate",
     "Grafted", "GraftRecord", "Traced",
     "GraftError", "GraftSpecError", "LoadError", "TraceError",
 ]

@@ -608,7 +608,7 @@ def _suppress_oserror() -> Iterator[None]:
 def export_onnx(module: nn.Module, path: str | os.PathLike, merge: bool = True, verify: bool = True,
                 opset: int | None = None, dynamic: bool = True, example_inputs: Any = None,
                 progress: bool = True, tolerance: float = DEFAULT_TOLERANCE,
-                external_data: bool | None = None) -> ExportReport:
+                external_data: bool | None = None, with_past: bool = False) -> ExportReport:
     """Export `module` (a :class:`graftlib.Grafted`, or a plain module, traced first) to ONNX at `path`.
 
     ``merge`` folds mergeable adapters into the weights (the module itself is not changed);
@@ -616,7 +616,10 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, merge: bool = True, 
     :class:`graftlib.GraftError` above ``tolerance`` (max abs diff); ``dynamic`` keeps batch and
     sequence dims symbolic; ``example_inputs`` (keyword tensors) are the export's example inputs
     (default: the trace's); ``external_data`` (default: weights above 1.5 GB) stores weights in
-    ``<name>.data``. Returns an :class:`ExportReport`; prints nothing except a progress bar on stderr.
+    ``<name>.data``. ``with_past`` exports the decoding step instead (a causal LM's KV-cache graph in
+    Optimum's layout, see ``graftlib.onnx_generate``), verified by a greedy generation in onnxruntime
+    equal to PyTorch's token for token. Returns an :class:`ExportReport`; prints nothing except a
+    progress bar on stderr.
     """
     if tolerance < 0 or math.isnan(tolerance):
         raise GraftError(f"tolerance must be >= 0, got {tolerance}")
@@ -630,6 +633,8 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, merge: bool = True, 
         training = g.training
         g.eval()
         try:
+            if with_past:
+                return _export_with_past(g, path, merge, verify, opset, tolerance, external_data, steps)
             return _export(g, path, merge, verify, opset, dynamic, example_inputs, tolerance,
                            external_data, steps)
         finally:
@@ -673,3 +678,112 @@ def _export(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None
         exported_parameters=_initialiser_elements(model), buffers=_initialiser_buffers(model, runtime),
         max_abs_diff=diffs, tolerance=tolerance, timings=steps.timings,
     )
+
+
+# -- decoding step with past (Optimum's layout) -------------------------------------------------------
+VERIFY_NEW_TOKENS = 8
+
+
+def _export_with_past(g: Grafted, path: Path, merge: bool, verify: bool, opset: int | None, tolerance: float,
+                      external_data: bool | None, steps: _Steps) -> ExportReport:
+    """The KV-cache step graph (``graftlib.generate``) as ONNX with past inputs and present outputs."""
+    from .generate import step_graph, step_inputs_dynamic, virtual_token_adapters
+    from .onnx_generate import past_input_names, present_output_names
+
+    with steps.step("step graph"):
+        step = step_graph(g)
+        prompts = virtual_token_adapters(step)
+        if prompts:
+            raise GraftError(f"with_past: {', '.join(prompts)} prepend virtual tokens at the prefill only, which "
+                             "one decoding graph cannot express; export without with_past, or without them")
+    layout = step._traced.extras["step_layout"]
+    base_parameters, adapter_parameters = _parameter_counts(step)
+    with steps.step("merge" if merge else "copy"):
+        target, merged, frozen = _export_copy(step, merge)
+        runtime = target.runtime_module()
+    kwargs = dict(step._traced.example_inputs)
+    output_names = ["logits"] + present_output_names(layout.layers)
+    shapes = {k: {axis: Dim.AUTO for axis in axes} for k, axes in step_inputs_dynamic(layout).items()}
+    with steps.step("export"):
+        try:
+            with TRACE_LOCK, _quiet_exporter():
+                program = torch.onnx.export(runtime, (), kwargs=kwargs, dynamo=True, optimize=False,
+                                            opset_version=opset, dynamic_shapes=shapes, verbose=False,
+                                            output_names=output_names)
+        except Exception as exc:  # noqa: BLE001 - one message for the many types torch raises
+            raise GraftError(f"torch.onnx could not export the decoding step: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from exc
+    _past_names(program.model, dict(zip(layout.past, past_input_names(layout.layers))))
+    big = _weight_bytes(runtime) > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    diffs: dict[str, float] = {}
+    with _staging(path) as staged:
+        with steps.step("save"), _quiet_exporter():
+            program.save(str(staged), external_data=big)
+        if verify:
+            with steps.step("verify"):
+                diffs = _verify_generation(g, str(staged), tolerance)
+    model = program.model
+    return ExportReport(
+        path=str(path), file_size=_written_size(path), external_data=big,
+        opset=int(model.opset_imports.get("", 0)), merged=merged, kept=list(target.active_adapters),
+        frozen=frozen,
+        inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.inputs},
+        outputs=[v.name for v in model.graph.outputs], ops=_histogram(model), ops_added={},
+        base_parameters=base_parameters, adapter_parameters=adapter_parameters,
+        exported_parameters=_initialiser_elements(model), buffers=_initialiser_buffers(model, runtime),
+        max_abs_diff=diffs, tolerance=tolerance, timings=steps.timings,
+    )
+
+
+def _past_names(model: Any, names: Mapping[str, str]) -> None:
+    """Optimum's input names, and named dims: batch, sequence, past_sequence."""
+    import onnx_ir as ir
+
+    symbols: dict[str, str] = {}
+    for value in model.graph.inputs:
+        value.name = names.get(value.name, value.name)
+        labels = {0: "batch", 1: "sequence"} if value.name in ("input_ids", "position_ids") else \
+            {0: "batch", 1: "total_sequence"} if value.name == "attention_mask" else \
+            {0: "batch", 2: "past_sequence"} if value.name in names.values() else {}
+        for axis, label in labels.items():
+            dim = value.shape[axis]
+            if isinstance(dim, ir.SymbolicDim) and dim.value:
+                symbols.setdefault(dim.value, label)
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(symbols, key=len, reverse=True))) if symbols else None
+
+    def rename(value: Any) -> None:
+        if value is None or value.shape is None or pattern is None:
+            return
+        value.shape = ir.Shape([ir.SymbolicDim(pattern.sub(lambda m: symbols[m.group(0)], d.value))
+                                if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape])
+
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        rename(value)
+
+
+def _verify_generation(g: Grafted, onnx_path: str, tolerance: float) -> dict[str, float]:
+    """Greedy generation in onnxruntime equals ``g.generate`` in PyTorch token for token, and the
+    prefill's logits (at the prompt's tokens, not its padding) agree within `tolerance` (GraftError if
+    not); returns the logits' max abs diff."""
+    from .generate import prefill_inputs, step_graph, verification_prompts
+    from .onnx_generate import onnx_generate, past_input_names, session_for
+
+    session = session_for(onnx_path)
+    prompts, eos, pad = verification_prompts(g)
+    step = step_graph(g)
+    layout = step._traced.extras["step_layout"]
+    feed = prefill_inputs(step, prompts["input_ids"], prompts["attention_mask"])
+    with torch.no_grad():
+        expected = g.generate(**prompts, max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False, num_beams=1).numpy()
+        logits = step._run(feed)[0]
+    rename = dict(zip(layout.past, past_input_names(layout.layers)))
+    ort_logits = session.run(["logits"], {rename.get(k, k): v.numpy() for k, v in feed.items()})[0]
+    keep = prompts["attention_mask"].bool().numpy()  # padded rows' logits are not defined
+    diff = _max_abs_diff(logits.numpy()[keep], ort_logits[keep])
+    actual = onnx_generate(session, prompts["input_ids"], prompts["attention_mask"], VERIFY_NEW_TOKENS,
+                           eos_token_id=eos, pad_token_id=pad)
+    if expected.shape != actual.shape or not np.array_equal(expected, actual) or not diff <= tolerance:
+        raise GraftError(f"verification failed: greedy generation in onnxruntime gave {actual.tolist()}, PyTorch "
+                         f"{expected.tolist()} (prefill logits max-abs-diff {diff:.3g}, tolerance {tolerance:g}); "
+                         "no file was written")
+    return {f"prefill logits, batch {expected.shape[0]} (greedy {VERIFY_NEW_TOKENS} tokens equal)": diff}

@@ -381,6 +381,12 @@ class Grafted(nn.Module):
 
         save_peft(self, directory, adapter=adapter)
 
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Hugging Face ``generate`` through the grafted graphs with a KV cache (see graftlib.generate)."""
+        from .generate import generate
+
+        return generate(self, *args, adapter_names=adapter_names, **kwargs)
+
     def diff(self, other: Any = None) -> Any:
         """What the passes inserted: ``graftlib.diff(base, self)`` (or against `other`)."""
         from .diff import diff
@@ -494,8 +500,14 @@ class Grafted(nn.Module):
                            verify=self._traced.verify)
         if unpadded and masked_attention_count(traced.graph) >= masked_attention_count(self._base_graph):
             return None
-        variant = Grafted(traced, self._model)
+        variant = self.graft_variant(traced, self._model)
         variant._unpadded = unpadded
+        return variant
+
+    def graft_variant(self, traced: Traced, model: nn.Module) -> "Grafted":
+        """`traced` (a trace of `model`, whose parameters have this model's names, e.g. generation's
+        KV-cache step module) as a variant: the grafts replayed, parameters and adapter store shared."""
+        variant = Grafted(traced, model)
         checkpoint.inherit(variant, self)
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)

@@ -316,6 +316,8 @@ def _position_sources(gm: fx.GraphModule) -> list[fx.Node]:
         if node.op == "call_function" and node.target in (aten.arange.default, aten.arange.start,
                                                            aten.arange.start_step):
             sources.append(node)
+        elif node.op == "placeholder" and "position_ids" in node.name:  # given by the caller (generate)
+            sources.append(node)
         elif node.op == "get_attr" and "position" in str(node.target).rsplit(".", 1)[-1]:
             value = gm
             for part in str(node.target).split("."):

@@ -6,6 +6,7 @@
 
     python -m graftlib.tools.bench --only checkpointing   # one section (saved-for-backward bytes, ~1 min)
     python -m graftlib.tools.bench --only gpu   # CUDA rows (train step, peak memory, forward); tools/gpu_check.sh
+    python -m graftlib.tools.bench --only decode   # generation: token parity, tokens/s, mixed, ORT with past
 
 Contenders are interleaved (each repetition times every contender once, in rotating order) and the
 table reports medians and ratios. Memory and the 1B-scale apply run in fresh subprocesses so their
@@ -628,6 +629,192 @@ def bench_gpu(quick: bool, reps: int) -> list[Row]:
     ]
 
 
+def _causal_lm(arch: str, quick: bool = True) -> torch.nn.Module:
+    """Tiny causal LMs for token parity; ``llama-160m`` (quick False) for speed."""
+    import transformers as T
+
+    text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=256)  # PEFT's prompt generate grows its cache 5 tokens a step
+    if arch == "llama" and not quick:
+        text = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                    vocab_size=32000, max_position_embeddings=512)
+    factories = {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**text, num_key_value_heads=4 if not quick else 2)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**text, num_key_value_heads=2)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
+                                                       n_positions=256, bos_token_id=0, eos_token_id=0)),
+    }
+    torch.manual_seed(0)
+    model = factories[arch]().eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # every row runs all its new tokens (as the reference loop)
+    return model
+
+
+_DECODE_PEFT = {
+    "lora": lambda arch: __import__("peft").LoraConfig(
+        target_modules=["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"], r=4, lora_alpha=8),
+    "prefix": lambda arch: __import__("peft").PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prompt": lambda arch: __import__("peft").PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+}
+
+
+def _decode_prompts(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts (row b has b % seq pads)."""
+    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for b in range(batch):
+        mask[b, :b % seq] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def _greedy_no_cache(model: torch.nn.Module, x: dict[str, torch.Tensor], new: int,
+                     offset: int | None) -> torch.Tensor:
+    """The whole sequence through `model` per token; positions from the mask (as generate makes them)
+    plus `offset` (PEFT's forward adds a prefix's n itself), or none given (None: PEFT's prompt tuning
+    ignores position ids)."""
+    ids, mask = x["input_ids"], x["attention_mask"]
+    for _ in range(new):
+        positions = None if offset is None else (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + offset
+        token = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+def _decode_parity() -> list[Row]:
+    """% of greedy tokens equal: graftlib's g.generate vs PEFT's generate (and, for prefix / prompt,
+    PEFT's forward over the whole sequence per token), and adapters off vs the eager model's generate."""
+    import peft
+
+    import graftlib
+
+    rows, new, x = [], 16, _decode_prompts(100, 3, 6)
+    for arch in ("llama", "gpt2", "qwen2"):
+        for kind, config in _DECODE_PEFT.items():
+            pm = peft.get_peft_model(_causal_lm(arch), config(arch)).eval()
+            with torch.no_grad():
+                for name, p in pm.named_parameters():
+                    if "lora_" in name or "prompt_encoder" in name:
+                        p.normal_(0, 0.3)
+            with tempfile.TemporaryDirectory() as tmp:
+                pm.save_pretrained(tmp)
+                g = graftlib.from_peft(_causal_lm(arch), tmp).eval()
+            with torch.inference_mode():
+                ours = g.generate(**x, max_new_tokens=new, do_sample=False)[:, 6:]
+                theirs = pm.generate(**x, max_new_tokens=new, do_sample=False)[:, 6:]
+                loop = _greedy_no_cache(pm, x, new, {"lora": 0, "prefix": 0, "prompt": None}[kind])[:, 6:]
+                with g.disable_adapters():
+                    off = g.generate(**x, max_new_tokens=new, do_sample=False)[:, 6:]
+                eager = _causal_lm(arch).generate(**x, max_new_tokens=new, do_sample=False)[:, 6:]
+            note = f"PEFT forward per token: {100 * (ours == loop).float().mean():.0f}%; adapters off vs HF " \
+                   f"generate: {100 * (off == eager).float().mean():.0f}%"
+            rows.append(Row("11 decode parity", f"{arch} {kind}, greedy 3x{new} tokens: % equal to PEFT generate",
+                            100 * (ours == theirs).float().mean().item(), unit="%", note=note))
+    return rows
+
+
+def _tokens_per_second(fns: dict[str, Callable[[], Any]], tokens: int, reps: int) -> dict[str, float]:
+    return {k: tokens / (ms / 1000) for k, ms in _median_interleaved(fns, reps, warmup=1).items()}
+
+
+def bench_decode(quick: bool, reps: int) -> list[Row]:
+    """Generation: token parity (tiny models), tokens/s of g.generate vs PEFT / base HF generate, mixed
+    adapters, onnxruntime with past vs without."""
+    import graftlib
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 OpenMP threads time the neighbours, not the ops
+    try:
+        return _decode_rows(quick, reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_rows(quick: bool, reps: int) -> list[Row]:
+    import graftlib
+
+    rows = _decode_parity()
+    new, name = (8, "llama-tiny") if quick else (64, "llama-160m")
+    base = _causal_lm("llama", quick)
+    vocab = base.config.vocab_size
+    g = graftlib.apply(base, "lora(q,v,r=16)").eval()
+    _randomise_lora(g)
+    merged = g.merge()
+    peft_model = _peft(copy.deepcopy(base), ["q_proj", "v_proj"]).eval()
+    _randomise_lora(peft_model)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    for batch in (1, 8):
+        x = _decode_prompts(vocab, batch, 16)
+        with torch.inference_mode():
+            t = _tokens_per_second({"graftlib": lambda: g.generate(**x, **kwargs),
+                                    "peft": lambda: peft_model.generate(**x, **kwargs),
+                                    "merged": lambda: merged.generate(**x, **kwargs),
+                                    "base": lambda: base.generate(**x, **kwargs)}, batch * new, reps)
+        rows.append(Row("11 decode tokens/s",
+                        f"{name} greedy, batch {batch}, {new} new tokens, LoRA unmerged, 1 thread",
+                        t["graftlib"], t["peft"], t["base"], unit="tok/s", note="higher is better"))
+        rows.append(Row("11 decode tokens/s",
+                        f"{name} greedy, batch {batch}, {new} new tokens, graftlib merged, 1 thread",
+                        t["merged"], base=t["base"], unit="tok/s", note="higher is better"))
+    rows.append(_decode_mixed(base, name, new, reps))
+    rows += _decode_onnx(g, name, reps)
+    return rows
+
+
+def _decode_mixed(base: torch.nn.Module, name: str, new: int, reps: int, n: int = 8) -> Row:
+    import graftlib
+
+    g = graftlib.apply(base, " + ".join(f"lora(q,v,r=16,name=a{i})" for i in range(n))).eval()
+    _randomise_lora(g)
+    x = _decode_prompts(base.config.vocab_size, 8, 16)
+    names = [f"a{i}" for i in range(8)]
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    def single() -> Any:
+        g.set_active("a0")
+        return g.generate(**x, **kwargs)
+
+    with torch.inference_mode():
+        t = _median_interleaved({"mixed": lambda: g.generate(**x, adapter_names=names, **kwargs),
+                                 "single": single}, reps, warmup=1)
+    return Row("11 decode mixed adapters", f"{name} batch 8, {n} adapters (one per row) vs one adapter, {new} tokens",
+               t["mixed"], base=t["single"], note="graftlib/base = mixed / single-adapter time (target <= 1.10)")
+
+
+def _decode_onnx(g: Any, name: str, reps: int, context: int = 128) -> list[Row]:
+    """onnxruntime time per token at `context` cached tokens: the with-past step vs re-running the
+    whole sequence (the export without past)."""
+    import onnxruntime as ort
+
+    from graftlib.export import export_onnx
+    from graftlib.onnx_generate import past_input_names
+
+    with tempfile.TemporaryDirectory() as tmp:
+        past_path, full_path = os.path.join(tmp, "past.onnx"), os.path.join(tmp, "full.onnx")
+        report = export_onnx(g, past_path, merge=True, with_past=True, progress=False)
+        export_onnx(g, full_path, merge=True, verify=False, progress=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        past, full = ort.InferenceSession(past_path, options), ort.InferenceSession(full_path, options)
+        shape = report.inputs[past_input_names(1)[0]]
+        heads, dim = int(shape[1]), int(shape[3])
+        layers = len(report.inputs) - 3
+        rng = torch.Generator().manual_seed(0)
+        step = {"input_ids": torch.randint(0, 100, (1, 1), generator=rng).numpy(),
+                "attention_mask": torch.ones(1, context + 1, dtype=torch.long).numpy(),
+                "position_ids": torch.tensor([[context]]).numpy(),
+                **{n: torch.randn(1, heads, context, dim, generator=rng).numpy()  # (1, H_kv, context, D)
+                   for n in past_input_names(layers // 2)}}
+        ids = torch.randint(0, 100, (1, context + 1), generator=rng)
+        whole = {i.name: v for i, v in zip(full.get_inputs(), (ids.numpy(), torch.ones_like(ids).numpy()))}
+        t = _median_interleaved({"past": lambda: past.run(None, step), "full": lambda: full.run(None, whole)},
+                                max(reps, 10))
+    diff = max(report.max_abs_diff.values())
+    return [Row("11 onnxruntime decode", f"{name} batch 1, context {context}: ms per token, with past vs without",
+                t["past"], base=t["full"],
+                note=f"export verified: greedy tokens equal PyTorch, prefill logits diff {diff:.1e}")]
+
+
 def to_markdown(rows: list[Row]) -> str:
     lines = ["| section | case | graftlib | PEFT | base | graftlib/PEFT | graftlib/base | note |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -646,7 +833,8 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
-SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing", "dora", "gpu")
+SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing", "dora", "gpu",
+            "decode")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -679,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
              ("onnx", lambda: bench_onnx(models[0], reps)),
              ("memory", lambda: bench_memory(args.quick)),
              ("checkpointing", lambda: bench_checkpointing(args.quick)),
-             ("gpu", lambda: bench_gpu(args.quick, reps))]
+             ("gpu", lambda: bench_gpu(args.quick, reps)),
+             ("decode", lambda: bench_decode(args.quick, max(3, reps // 5)))]
     for section, job in jobs:
         if section not in only:
             continue

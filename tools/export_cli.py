@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   graftlib-export --model graftlib-demo-out/adapter --merge model.onnx  # the adapter graftlib-demo trained
   graftlib-export --model hf-dir --spec "lora(q,v)" out.onnx # graft on the fly, adapters as nodes
   graftlib-export --model hf-dir --adapter graft-dir --static --no-verify out.onnx
+  graftlib-export --model causal-lm-dir --spec "lora(q,v)" --merge --with-past decoder.onnx  # KV cache
 """
 
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest max-abs-diff accepted by verification (default 1e-4)")
     parser.add_argument("--external-data", action="store_true",
                         help="store weights in <output>.data (automatic above 1.5 GB)")
+    parser.add_argument("--with-past", action="store_true",
+                        help="a causal LM's decoding step: past_key_values.{i}.key/.value inputs, present.{i}.* "
+                             "outputs (Optimum's layout), verified by a greedy generation in onnxruntime")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--debug", action="store_true", help="show warnings and tracebacks")
     parser.epilog, parser.formatter_class = EXAMPLES, argparse.RawDescriptionHelpFormatter
@@ -160,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     report = export_onnx(module, args.output, merge=args.merge, verify=args.verify, opset=args.opset,
                          dynamic=not args.static, progress=not args.quiet, tolerance=tolerance,
-                         external_data=True if args.external_data else None)
+                         external_data=True if args.external_data else None, with_past=args.with_past)
     print(report)
     return 0
 
@@ -168,6 +172,8 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.with_past and args.static:
+        parser.error("--with-past needs dynamic shapes (the cache grows each token): drop --static")
     if args.tolerance is not None and not args.tolerance >= 0:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
     output = Path(args.output)
