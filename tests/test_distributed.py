@@ -117,3 +117,141 @@ def test_blocks_refuse_a_model_without_repeated_layers() -> None:
     g = graftlib.apply(model, "lora(inp, r=2)", example_inputs=(torch.randn(2, 4),))
     with pytest.raises(GraftError, match="no repeated blocks"):
         g.blocks()
+
+
+# -- 2. two gloo processes on CPU against one process with the same global batch ----------------------
+SPEC = "lora(q_proj, v_proj, r=4)"
+STEPS, LR, ROWS = 3, 0.5, 4  # global batch of 4 rows, 2 per rank
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    x = inputs_for("llama", batch=ROWS, seq=6, seed=3)
+    return {**x, "labels": x["input_ids"]}
+
+
+def _rows(x: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    per = ROWS // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in x.items()}
+
+
+def _train(g: graftlib.Grafted, run, x: dict[str, torch.Tensor], reduce=None) -> list[float]:
+    """SGD steps; the loss of each step over the global batch (`reduce`: the mean over ranks)."""
+    optimiser = torch.optim.SGD([p for p in g.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = run(**x).loss
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        losses.append(float(reduce(loss.detach()) if reduce else loss.detach()))
+    return losses
+
+
+def _adapters(g: graftlib.Grafted) -> dict[str, torch.Tensor]:
+    from graftlib.distributed import is_sharded
+
+    return {n: (p.full_tensor() if is_sharded(p) else p).detach().clone() for n, p in g.store.named_parameters()}
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def _worker(rank: int, world: int, port: int, mode: str, folder: str) -> None:
+    """One rank: `mode` ddp (full model, DDP), fsdp (full model, per-block fully_shard) or meta (graft on
+    meta, shard, load the base from the safetensors file and the adapters from the saved graft)."""
+    import json
+    from pathlib import Path
+
+    import graftlib.distributed as gd
+    import torch.distributed as dist
+
+    gd.init(rank, world, port)
+    try:
+        x = _rows(_batch(), rank, world)
+        report: dict = {}
+        if mode == "meta":  # traced in training mode with labels: the module cannot trace again
+            with torch.device("meta"):
+                model = build_with_head("llama").train()
+            g = gd.graft_on_meta(model, SPEC, example_inputs={**{k: v.to("meta") for k, v in x.items()},
+                                                              "use_cache": False})
+        else:
+            g = graftlib.apply(build_with_head("llama").train(), SPEC, example_inputs={**x, "use_cache": False})
+        g.train()
+        if mode == "ddp":
+            gd.load_adapters(g, Path(folder) / "start")
+            from torch.nn.parallel import DistributedDataParallel
+
+            run = DistributedDataParallel(g)
+        else:
+            blocks = gd.shard(g)
+            blocks = g.blocks()
+            if mode == "meta":
+                buffers = torch.load(Path(folder) / "buffers.pt")
+                gd.load_base(g, Path(folder) / "model.safetensors", buffers=buffers)
+            gd.load_adapters(g, Path(folder) / "start")
+            report["local_bytes"], report["full_bytes"] = gd.shard_bytes(g)
+            report["block_bytes"] = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+            peaks: list[int] = []
+            hooks = [b.register_forward_hook(lambda *_: peaks.append(gd.gathered_bytes(g, blocks)))
+                     for b in blocks]
+            hooks += [b.register_forward_pre_hook(lambda *_: peaks.append(gd.gathered_bytes(g, blocks)))
+                      for b in blocks]
+            run = g
+        report["losses"] = _train(g, run, x, _mean_over_ranks)
+        if mode != "ddp":
+            report["gathered_peak"] = max(peaks)
+            for hook in hooks:
+                hook.remove()
+        adapters = _adapters(g)
+        g.save(str(Path(folder) / "saved"))
+        if rank == 0:
+            torch.save(adapters, Path(folder) / "adapters.pt")
+            (Path(folder) / "report.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference(folder) -> tuple[graftlib.Grafted, list[float], torch.nn.Module]:
+    """One process, the whole batch: the same model, adapters saved to `folder`/start before training."""
+    model = build_with_head("llama")
+    g = graftlib.apply(model, SPEC)
+    _randomise(g)
+    g.save(str(folder / "start"))
+    g.train()
+    return g, _train(g, g, _batch()), model
+
+
+@pytest.mark.parametrize("mode", ["ddp", "meta", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_processes_train_like_one(tmp_path, mode: str) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    import graftlib.distributed as gd
+
+    reference, losses, model = _reference(tmp_path)
+    if mode == "meta":
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+        torch.save(dict(model.named_buffers()), tmp_path / "buffers.pt")
+    gd.launch(_worker, 2, args=(mode, str(tmp_path)), timeout_s=240)
+    report = json.loads((tmp_path / "report.json").read_text())
+    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(losses), rtol=0, atol=1e-5)
+    assert losses[-1] < losses[0]  # it trained
+    trained = torch.load(tmp_path / "adapters.pt")
+    expected = _adapters(reference)
+    assert trained.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(trained[name], tensor, rtol=0, atol=1e-5, msg=name)
+    loaded = graftlib.load(model, str(tmp_path / "saved"))  # the 2-process save, read by one process
+    loaded.eval(), reference.eval()
+    x = inputs_for("llama")
+    torch.testing.assert_close(loaded(**x).logits, reference(**x).logits, rtol=0, atol=1e-5)
+    if mode != "ddp":
+        blocks = report["block_bytes"]
+        assert abs(report["local_bytes"] - report["full_bytes"] / 2) <= 0.02 * report["full_bytes"]
+        assert report["gathered_peak"] == max(blocks)  # one block at a time, never the model
