@@ -191,6 +191,7 @@ def load_base(grafted: "GraftedModule", files: str | os.PathLike | list[str | os
     if missing:
         raise LoadError(f"{', '.join(map(str, paths))}: no tensor for {missing[:3]} ({len(missing)} missing); "
                         "is the file from another model?")
+    buffer_plan = _buffer_plan(grafted, where, buffers or {})
     for name, holders in params.items():
         owner, leaf = holders[0]
         like = owner._parameters[leaf]
@@ -202,29 +203,32 @@ def load_base(grafted: "GraftedModule", files: str | os.PathLike | list[str | os
         new = _placed(value, like, like.requires_grad)
         for module, key in holders:
             module._parameters[key] = new
-    _load_buffers(grafted, where, buffers or {}, device)
+    for module, leaf, value in buffer_plan:
+        module._buffers[leaf] = value().to(device)
     grafted._invalidate()
     return list(params)
 
 
-def _load_buffers(grafted: "GraftedModule", where: dict[str, Any], given: dict[str, torch.Tensor],
-                  device: str | torch.device) -> None:
-    gm = grafted.graph_module
-    pending = []
-    for path, module in gm.named_modules():
+def _buffer_plan(grafted: "GraftedModule", where: dict[str, Any], given: dict[str, torch.Tensor]
+                 ) -> list[tuple[nn.Module, str, Callable[[], torch.Tensor]]]:
+    """(owner, leaf, value) for every meta buffer, from `given` or the files; raises before anything loads
+    when one has neither."""
+    plan, pending = [], []
+    for path, module in grafted.graph_module.named_modules():
         for leaf, buffer in module._buffers.items():
             name = f"{path}.{leaf}" if path else leaf
             if buffer is None or not buffer.is_meta:
                 continue
             if name in given:
-                module._buffers[leaf] = given[name].to(device=device, dtype=buffer.dtype)
+                plan.append((module, leaf, lambda v=given[name], b=buffer: v.to(dtype=b.dtype)))
             elif name in where:
-                module._buffers[leaf] = where[name].get_tensor(name).to(dtype=buffer.dtype)
+                plan.append((module, leaf, lambda h=where[name], n=name, b=buffer: h.get_tensor(n).to(dtype=b.dtype)))
             else:
                 pending.append(name)
     if pending:
         raise LoadError(f"buffers {pending[:3]} are on the meta device and in no file: pass their values, "
                         "e.g. buffers={name: model_on_cpu.get_buffer(name)}")
+    return plan
 
 
 def load_adapters(grafted: "GraftedModule", directory: str | os.PathLike) -> None:

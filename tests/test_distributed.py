@@ -263,3 +263,58 @@ def test_two_processes_train_like_one(tmp_path, mode: str) -> None:
         blocks = report["block_bytes"]
         assert abs(report["local_bytes"] - report["full_bytes"] / 2) <= 0.02 * report["full_bytes"]
         assert report["gathered_peak"] == max(blocks)  # one block at a time, never the model
+
+
+# -- 3. graft on meta, load from safetensors (one process: the same path without sharding) --------------
+def _meta_grafted(x: dict) -> graftlib.Grafted:
+    import graftlib.distributed as gd
+
+    with torch.device("meta"):
+        model = build_with_head("llama").train()
+    return gd.graft_on_meta(model, SPEC, example_inputs={**{k: v.to("meta") for k, v in x.items()},
+                                                         "use_cache": False})
+
+
+def test_meta_graft_loads_base_and_adapters_like_the_loaded_model(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    import graftlib.distributed as gd
+
+    model = build_with_head("llama").train()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    reference = graftlib.apply(model, SPEC)
+    _randomise(reference)
+    reference.save(str(tmp_path / "graft"))
+    x = _batch()
+    g = _meta_grafted(x)
+    assert all(p.is_meta for n, p in g.named_parameters() if ".graft." not in f".{n}")
+    assert not any(p.is_meta for p in g.store.parameters())  # adapters are real from the start
+    loaded = gd.load_base(g, tmp_path / "model.safetensors", buffers=dict(model.named_buffers()))
+    assert len(loaded) == len(list(model.parameters()))
+    gd.load_adapters(g, tmp_path / "graft")
+    reference.train(), g.train()
+    assert torch.equal(reference(**x).loss, g(**x).loss)
+
+
+def test_meta_graft_same_adapters_on_every_rank() -> None:
+    x = _batch()
+    first, second = _meta_grafted(x), _meta_grafted(x)
+    for (name, a), b in zip(first.store.named_parameters(), second.store.parameters()):
+        assert torch.equal(a, b), name  # seeded: every rank starts from the same adapters
+
+
+def test_load_base_names_what_is_missing(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    import graftlib.distributed as gd
+    from graftlib.errors import LoadError
+
+    model = build_with_head("llama")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "layers.1.mlp.up_proj" not in k}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    g = _meta_grafted(_batch())
+    with pytest.raises(LoadError, match=r"layers\.1\.mlp\.up_proj\.weight"):
+        gd.load_base(g, tmp_path / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LoadError, match="inv_freq.*pass their values"):
+        gd.load_base(g, tmp_path / "model.safetensors")  # the rotary buffer is in no file
