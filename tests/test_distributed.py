@@ -11,19 +11,7 @@ import torch
 
 import graftlib
 from models import build, build_with_head, inputs_for
-
-
-def _hidden(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.last_hidden_state if getattr(output, "last_hidden_state", None) is not None else output[0]
-
-
-def _randomise(g: graftlib.Grafted, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in g.store.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+from test_training import _hidden, _randomise  # the same helpers: hidden states, random adapters
 
 
 # -- 1. g.blocks(): the live runtime equals the flat one bit for bit ------------------------------------
