@@ -12,7 +12,7 @@ The standard recipe (torchtune's lora_finetune_distributed) on a grafted module:
 
 - ``shard`` = ``for b in g.blocks(): fully_shard(b)`` then ``fully_shard(g)`` (blocks.py): each block's
   base weights are one FSDP unit; adapters and the glue (embeddings, final norm, head) the root unit.
-- ``load_base`` reads each parameter's local rows (``safe_open(...).get_slice``) into a DTensor with the
+- ``load_base`` reads each parameter's local rows (plain file reads) into a DTensor with the
   placement FSDP gave it: the full model is never materialised on one rank. Buffers a meta model could
   not compute (rotary ``inv_freq``) come from the file or ``buffers=``.
 - ``load_adapters`` puts a single-process graft directory into a sharded module (each rank keeps its rows).
@@ -22,6 +22,8 @@ The standard recipe (torchtune's lora_finetune_distributed) on a grafted module:
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import socket
 import time
@@ -181,11 +183,9 @@ def load_base(grafted: "GraftedModule", files: str | os.PathLike | list[str | os
               buffers: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu") -> list[str]:
     """Read the base weights of `grafted` (sharded or not) from safetensors `files`, each rank only the rows
     it holds; returns the names loaded. Names are the model's (``model.layers.0.mlp.up_proj.weight``)."""
-    from safetensors import safe_open
-
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    handles = [safe_open(str(p), framework="pt", device=str(device)) for p in paths]
-    where = {key: h for h in handles for key in h.keys()}
+    readers = [_Rows(Path(p)) for p in paths]
+    where = {key: r for r in readers for key in r.header}
     params = _base_parameters(grafted)
     missing = [n for n in params if n not in where]
     if missing:
@@ -195,18 +195,57 @@ def load_base(grafted: "GraftedModule", files: str | os.PathLike | list[str | os
     for name, holders in params.items():
         owner, leaf = holders[0]
         like = owner._parameters[leaf]
-        view = where[name].get_slice(name)
-        if tuple(view.get_shape()) != tuple(like.shape):
-            raise LoadError(f"{name}: the file's shape {tuple(view.get_shape())} is not the model's {tuple(like.shape)}")
-        rows = _rows(like)
-        value = view[:] if rows is None else view[rows]
-        new = _placed(value, like, like.requires_grad)
+        shape = where[name].shape(name)
+        if shape != tuple(like.shape):
+            raise LoadError(f"{name}: the file's shape {shape} is not the model's {tuple(like.shape)}")
+        new = _placed(where[name].read(name, _rows(like)).to(device), like, like.requires_grad)
         for module, key in holders:
             module._parameters[key] = new
     for module, leaf, value in buffer_plan:
         module._buffers[leaf] = value().to(device)
     grafted._invalidate()
     return list(params)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Rows:
+    """Reads rows of a safetensors file's tensors with plain file reads (no memory map: a rank's memory
+    holds the rows it asked for, not the file pages it read them from)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise LoadError(f"{path} is not a safetensors file (header size {size})")
+            header = json.loads(fh.read(size))
+        self.start = 8 + size
+        self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        info = self.header[name]
+        shape, dtype = list(info["shape"]), _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise LoadError(f"{self.path}: {name} has dtype {info['dtype']}, which graftlib does not read")
+        begin = info["data_offsets"][0]
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+            begin += rows.start * row_bytes
+            shape[0] = rows.stop - rows.start
+        out = torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start + begin)
+            buffer = out.reshape(-1).view(torch.uint8).numpy()
+            if fh.readinto(buffer) != buffer.size:
+                raise LoadError(f"{self.path} is truncated: {name} ends past the end of the file")
+        return out
 
 
 def _buffer_plan(grafted: "GraftedModule", where: dict[str, Any], given: dict[str, torch.Tensor]
@@ -222,7 +261,7 @@ def _buffer_plan(grafted: "GraftedModule", where: dict[str, Any], given: dict[st
             if name in given:
                 plan.append((module, leaf, lambda v=given[name], b=buffer: v.to(dtype=b.dtype)))
             elif name in where:
-                plan.append((module, leaf, lambda h=where[name], n=name, b=buffer: h.get_tensor(n).to(dtype=b.dtype)))
+                plan.append((module, leaf, lambda h=where[name], n=name, b=buffer: h.read(n).to(dtype=b.dtype)))
             else:
                 pending.append(name)
     if pending:
