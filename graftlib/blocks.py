@@ -26,7 +26,6 @@ import copy
 import operator
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import fx, nn
 
 import graftlib.checkpoint as checkpoint
