@@ -34,7 +34,7 @@ from .errors import GraftError
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["Block", "blocks", "block_paths", "live_module", "runtime", "inherit"]
+__all__ = ["Block", "blocks", "block_paths", "live_module", "runtime", "inherit", "share_tree"]
 
 _ROOT = "_blocks_root"  # a live module's __dict__ entry: the Grafted whose module tree holds the weights
 
@@ -92,7 +92,30 @@ def runtime(grafted: "GraftedModule", named: fx.GraphModule, flat: fx.GraphModul
     if root is None:
         return checkpoint.maybe_wrap(grafted, flat, training)
     options = grafted.__dict__.get("_checkpointing") if training else None
+    share_tree(named, root.graph_module)
     return live_module(named, root.graph_module, options)
+
+
+def share_tree(named: fx.GraphModule, tree: nn.Module) -> None:
+    """Point `named`'s top-level children at `tree`'s where every target under them resolves there, so the
+    named module keeps no Parameter objects of its own: once FSDP has replaced them by shards, the
+    originals are freed (and export / diff read the current ones)."""
+    targets = [str(n.target) for n in named.graph.nodes if n.op == "get_attr"]
+    called = {str(n.target).split(".", 1)[0] for n in named.graph.nodes if n.op == "call_module"}
+    for name in list(named._modules):  # called modules (guards, caches) belong to one trace: kept
+        if name in called or name not in tree._modules or named._modules[name] is tree._modules[name]:
+            continue
+        under = [t for t in targets if t.split(".", 1)[0] == name]
+        if all(_resolves(tree, t) for t in under):
+            named._modules[name] = tree._modules[name]
+
+
+def _resolves(tree: nn.Module, target: str) -> bool:
+    try:
+        _resolve(tree, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def live_module(named: fx.GraphModule, tree: nn.Module, checkpointing: dict[str, Any] | None = None) -> fx.GraphModule:
