@@ -498,6 +498,9 @@ class Demo:
         rank, world = _rank_world()
         device = _device()
         run = g.to(device)
+        if world > 1 and self._allocator() is not None:
+            raise DemoError("--nproc: AdaLoRA's rank allocation replaces parameters, which DDP cannot follow; "
+                            "use --nproc 1")
         if world > 1:  # each rank its share of every batch; DDP averages the gradients
             from torch.nn.parallel import DistributedDataParallel
 
@@ -518,7 +521,7 @@ class Demo:
             return [{"params": adapter, "lr": self.args.lr}, {"params": self.head_params, "lr": self.args.head_lr}]
 
         g.train()
-        losses = train_loop(step_fn, groups, self.batches, "train", self._allocator() if world == 1 else None)
+        losses = train_loop(step_fn, groups, self.batches, "train", self._allocator())
         g.to("cpu").eval()
         with torch.no_grad():
             self.after_logits = g(**self.test_batch)                          # (n_test, 2)
