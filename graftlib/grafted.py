@@ -37,6 +37,7 @@ from .runtime import build_module, copy_graph, flat_module, op_histogram, specia
 from .select import Selection, SiteIndex
 from .spec import GraftCall, parse_spec
 import graftlib.bnb as bnb
+import graftlib.blocks as block_runtime
 import graftlib.checkpoint as checkpoint  # module imports: `from . import` would read as importing the package
 import graftlib.hf as hf
 import graftlib.retarget as retarget
@@ -169,7 +170,7 @@ class Grafted(nn.Module):
             flat = flat_module(named)
             if self.training:  # e.g. quantize: dequantised weights recomputed in backward, not kept
                 self._delegate("training_runtime", flat)
-            pair = self._runtimes[key] = (named, checkpoint.maybe_wrap(self, flat, self.training))
+            pair = self._runtimes[key] = (named, block_runtime.runtime(self, named, flat, self.training))
         return pair
 
     def _invalidate(self) -> None:
@@ -509,6 +510,7 @@ class Grafted(nn.Module):
         KV-cache step module) as a variant: the grafts replayed, parameters and adapter store shared."""
         variant = Grafted(traced, model)
         checkpoint.inherit(variant, self)
+        block_runtime.inherit(variant, self)
         _adopt_parameters(variant.graph_module, self.graph_module)
         variant.add_records(self.records)
         retarget.follow_model(variant, self._model)  # when this module moved after grafting
@@ -567,6 +569,10 @@ class Grafted(nn.Module):
         from .io import save
 
         save(self, directory)
+
+    def blocks(self) -> list[nn.Module]:
+        """One module per repeated layer, for ``fully_shard(block)``; runtimes then call them (blocks.py)."""
+        return block_runtime.blocks(self)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
                                       every_n_layers: int = 1, offload: bool = False) -> None:

@@ -248,17 +248,43 @@ def config_dict(grafted: "GraftedModule") -> dict[str, Any]:
 
 def save(grafted: "GraftedModule", directory: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
+    sharded = False
     for record in grafted.records:
         if not get_method(record.method).saves_tensors:
             continue  # rebuilt from the base model on load (quantised weights)
         for site, params in grafted.store.tensors(record.adapter).items():
             for pname, tensor in params.items():
-                tensors[f"{record.adapter}/{site}/{pname}"] = tensor.detach().contiguous().cpu()
-    meta = config_dict(grafted)
-    write_directory(directory, {
-        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"),
-    })
+                sharded = sharded or hasattr(tensor, "full_tensor")
+                tensors[f"{record.adapter}/{site}/{pname}"] = _full(tensor).detach().contiguous().cpu()
+    rank = _rank()  # torch.distributed: rank 0 writes; sharded (FSDP), every rank gathers and waits for it
+    if rank <= 0:
+        meta = config_dict(grafted)
+        write_directory(directory, {
+            WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"),
+        })
+    if sharded:
+        torch.distributed.barrier()  # no rank reads the directory before it is written
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter gathered whole: a collective, so every rank saves."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _rank() -> int:
+    """This process's rank in torch.distributed's default group, -1 when there is none."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+
+
+def _into(current: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` laid out as `current`: this rank's rows of it when `current` is a DTensor shard."""
+    if not hasattr(current, "device_mesh"):
+        return value.to(current.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(current.dtype), current.device_mesh, current.placements, src_data_rank=None)
 
 
 def _config_problem(meta: Any) -> str | None:
@@ -488,7 +514,7 @@ def install_tensors(grafted: "GraftedModule", tensors: dict[str, torch.Tensor], 
         for holder, pname, value in plan:
             current = getattr(holder, pname)
             if current.shape == value.shape:
-                current.copy_(value.to(current.dtype))
+                current.copy_(_into(current, value))
             elif isinstance(current, nn.Parameter):
                 holder._parameters[pname] = nn.Parameter(value.to(current.dtype).clone(),
                                                          requires_grad=current.requires_grad)

@@ -5,6 +5,7 @@
     python -m graftlib.tools.bench --only dora   # one section (DoRA vs PEFT DoRA vs graftlib LoRA)
 
     python -m graftlib.tools.bench --only checkpointing   # one section (saved-for-backward bytes, ~1 min)
+    python -m graftlib.tools.bench --only blocks   # per-block runtime (g.blocks(), for FSDP2) vs flat
     python -m graftlib.tools.bench --only gpu   # CUDA rows (train step, peak memory, forward); tools/gpu_check.sh
     python -m graftlib.tools.bench --only decode   # generation: token parity, tokens/s, mixed, ORT with past
 
@@ -815,6 +816,28 @@ def _decode_onnx(g: Any, name: str, reps: int, context: int = 128) -> list[Row]:
                 note=f"export verified: greedy tokens equal PyTorch, prefill logits diff {diff:.1e}")]
 
 
+def bench_blocks(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]:
+    """Single process: the per-block runtime (``g.blocks()``, what FSDP2 shards) against the flat one."""
+    base = _no_dropout(m.build())
+    flat, live = _graftlib_contender(base), _graftlib_contender(base)
+    live.load_state_dict(flat.state_dict())
+    live.blocks()
+    rows = []
+    for batch, seq in shapes:
+        x = _inputs(m, batch, seq)
+        flat.eval(), live.eval()
+        with torch.inference_mode():
+            t = _median_interleaved({"blocks": lambda: live(**x), "flat": lambda: flat(**x)}, reps)
+        rows.append(Row("12 blocks: forward, g.blocks() vs flat", f"{m.name} {batch}x{seq}", t["blocks"], None,
+                        t["flat"], note="base column = the flat runtime"))
+        flat.train(), live.train()
+        t = _median_interleaved({"blocks": _train_step(live, x, None), "flat": _train_step(flat, x, None)},
+                                max(5, reps // 2))
+        rows.append(Row("12 blocks: fwd+bwd, g.blocks() vs flat", f"{m.name} {batch}x{seq}", t["blocks"], None,
+                        t["flat"], note="base column = the flat runtime"))
+    return rows
+
+
 def to_markdown(rows: list[Row]) -> str:
     lines = ["| section | case | graftlib | PEFT | base | graftlib/PEFT | graftlib/base | note |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -834,7 +857,7 @@ def machine() -> str:
 
 
 SECTIONS = ("apply", "forward", "train", "compile", "mixed", "onnx", "memory", "checkpointing", "dora", "gpu",
-            "decode")
+            "decode", "blocks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -860,7 +883,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (bench_apply_swin(args.quick, max(3, reps // 5)) if m is models[0] else [])),
                  ("forward", lambda m=m: bench_forward(m, shapes, reps)),
                  ("train", lambda m=m: bench_train(m, shapes, max(5, reps // 2))),
-                 ("dora", lambda m=m: bench_dora(m, shapes, reps))]
+                 ("dora", lambda m=m: bench_dora(m, shapes, reps)),
+                 ("blocks", lambda m=m: bench_blocks(m, shapes, reps))]
     jobs += [("compile", lambda: bench_compile_time(models[0], args.quick, max(1, reps // 5))
               + bench_train(models[0], shapes, max(5, reps // 2), compiled=True)),
              ("mixed", lambda: bench_mixed(models[0], mixed_shapes, reps)),

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftlib.errors import GraftError
 from graftlib.export import format_size
 
 __all__ = ["main", "build_parser", "run", "Demo", "SentenceClassifier", "load_reviews", "batch_order", "ARTEFACTS",
@@ -50,6 +51,8 @@ CLI_EXAMPLES = f"""examples:
   {PROG}                                       # {DEFAULT_SPEC}, 100 steps, into ./{DEFAULT_OUT}
   {PROG} --spec "adapter(ffn,m=32)" --steps 200 --out demo-adapter
   {PROG} --model hf-encoder-dir --force        # another local encoder checkpoint
+  {PROG} --nproc 2                             # fine-tune data-parallel in 2 processes (gloo; NCCL on GPUs)
+  torchrun --nproc-per-node 2 -m graftlib.tools.demo   # the same under torchrun
 """
 LABELS = ("negative", "positive")
 EXAMPLES = (
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="torch CPU threads (default 1: batches this small gain little from more, and on a "
                              "2-core machine doing anything else 2 threads measured up to 8x slower)")
+    parser.add_argument("--nproc", type=_positive_int, default=1,
+                        help="fine-tune data-parallel (DDP) in this many processes, each on its share of every "
+                             "batch: gloo on CPU, NCCL on GPUs (default 1; under torchrun, its world size)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true",
                         help="write into an existing non-empty --out, replacing the demo's own files")
@@ -374,6 +380,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         summary = Demo(args, out, staging).run()
+        if _rank_world()[0] > 0:  # data-parallel: rank 0 writes --out
+            shutil.rmtree(staging, ignore_errors=True)
+            return summary
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -407,6 +416,8 @@ class Demo:
                  ("save", "save the adapter and head, merge", self.save_and_merge),
                  ("onnx", "export ONNX (merged), verify with onnxruntime, run two sentences", self.export),
                  ("diff", "graph diff: base -> grafted", self.diff)]
+        if _rank_world()[0] > 0:  # data-parallel: the other ranks only train with rank 0
+            steps = steps[:4]
         for key, title, action in steps:
             with self.console.step(key, title):
                 action()
@@ -484,10 +495,24 @@ class Demo:
     # 4
     def finetune(self) -> None:
         g = self.g
+        rank, world = _rank_world()
+        device = _device()
+        run = g.to(device)
+        if world > 1 and self._allocator() is not None:
+            raise DemoError("--nproc: AdaLoRA's rank allocation replaces parameters, which DDP cannot follow; "
+                            "use --nproc 1")
+        if world > 1:  # each rank its share of every batch; DDP averages the gradients
+            from torch.nn.parallel import DistributedDataParallel
+
+            run = DistributedDataParallel(g)
+            self.console.say(f"data-parallel: {world} processes ({torch.distributed.get_backend()}), "
+                             f"{self.args.batch_size // world}+ sentences each per step")
 
         def step_fn(indices: list[int]) -> torch.Tensor:
-            logits = g(**encode(self.tokenizer, [self.train[i].text for i in indices]))   # (B, 2)
-            task = nn.functional.cross_entropy(logits, self.train_labels[indices])
+            indices = indices[rank::world]
+            batch = {k: v.to(device) for k, v in encode(self.tokenizer, [self.train[i].text for i in indices]).items()}
+            logits = run(**batch)                                                          # (B, 2)
+            task = nn.functional.cross_entropy(logits, self.train_labels[indices].to(device))
             return task + g.regularization_loss()       # AdaLoRA's orthogonality penalty; 0 otherwise
 
         def groups() -> list[dict[str, Any]]:
@@ -497,7 +522,7 @@ class Demo:
 
         g.train()
         losses = train_loop(step_fn, groups, self.batches, "train", self._allocator())
-        g.eval()
+        g.to("cpu").eval()
         with torch.no_grad():
             self.after_logits = g(**self.test_batch)                          # (n_test, 2)
         after = accuracy(self.after_logits, self.test_labels)
@@ -621,8 +646,58 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"  open {s['out']}/diff.html to see the graph diff")
 
 
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _device() -> torch.device:
+    """This rank's GPU when the process group runs on NCCL, else the CPU."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One process of ``--nproc``: join the group, run the demo (rank 0 prints and writes), leave."""
+    import graftlib.distributed as gd
+
+    gd.init(rank, world, port, timeout_s=1800)
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
+    try:
+        code = main(argv)
+    finally:
+        torch.distributed.destroy_process_group()
+    if code:
+        raise SystemExit(code)
+
+
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dist = torch.distributed
+    if args.nproc > 1 and not dist.is_initialized() and not _under_torchrun():
+        import graftlib.distributed as gd
+
+        try:
+            gd.launch(_rank_main, args.nproc, args=(list(sys.argv[1:] if argv is None else argv),), timeout_s=7200)
+        except GraftError as exc:  # the failing rank's traceback ends with its error
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            shown = "\n".join(lines) if os.environ.get("GRAFTLIB_DEBUG") else lines[-1]
+            print(f"{PROG}: error: {shown}", file=sys.stderr)
+            return 1
+        return 0
+    if _under_torchrun() and not dist.is_initialized():
+        import graftlib.distributed as gd
+
+        dist.init_process_group(gd.backend())
+        if gd.backend() == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     for category in (FutureWarning, DeprecationWarning):  # torch.export / onnx internals, not actionable here
         warnings.filterwarnings("ignore", category=category)
     try:
@@ -639,7 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"{PROG}: --out was not changed (set GRAFTLIB_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
-    _print_summary(summary)
+    if _rank_world()[0] == 0:
+        _print_summary(summary)
     return 0
 
 
