@@ -340,7 +340,10 @@ def test_cli_help_describes_every_option_and_shows_examples():
 def test_every_cli_help_ends_with_examples():
     from graftlib.tools import demo, diff_cli, export_cli
 
+    def runs(line: str, prog: str, module) -> bool:  # the program itself, or its module under torchrun
+        return line.startswith(f"  {prog}") or (line.startswith("  torchrun ") and f"-m {module.__name__} " in line)
+
     for module, prog in ((diff_cli, "graftlib-diff"), (export_cli, "graftlib-export"), (demo, "graftlib-demo")):
         text = module.build_parser().format_help()
         examples = text[text.index("\nexamples:\n"):].splitlines()[2:]
-        assert len(examples) >= 2 and all(line.startswith(f"  {prog}") for line in examples if line), prog
+        assert len(examples) >= 2 and all(runs(line, prog, module) for line in examples if line), prog

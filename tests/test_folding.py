@@ -7,6 +7,7 @@ control shows the same graph without the folding rewrite is off (so the check ca
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -88,8 +89,13 @@ def test_graph_rounds_as_eager(name: str, mode: str) -> None:
 
 @pytest.mark.parametrize("name", ["probe-attention", "computed"])  # 'permuted': bmm rounds as mm here
 def test_without_folding_the_graph_is_off(name: str) -> None:
-    """The control: the same graph with its frozen weights' matmuls unfolded differs from eager."""
+    """The control: the same graph with its frozen weights' matmuls unfolded differs from eager, on a CPU
+    whose mm and bmm kernels round this case apart (eager itself, frozen vs trainable, shows whether)."""
     model, g, x = _graft(name)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    if torch.equal(_run(frozen, x, "grad"), _run(model, x, "grad")):
+        pytest.skip("this CPU's mm and bmm kernels round this case alike, so the control cannot fail here "
+                    "(the bit-exact checks above still run)")
     g._eager_grad = frozenset()
     g._invalidate()
     assert not torch.equal(_run(g, x, "grad"), _run(model, x, "grad"))
