@@ -186,7 +186,7 @@ def greedy_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, new: int,
 def test_prompt_learning_equals_peft_model(arch, kind):
     """Prefix tuning (learned keys / values in front of the cache) and prompt tuning (virtual tokens at
     the prefill only) decode PEFT's model token for token. The reference is PEFT's forward over the whole
-    sequence per token: PEFT 0.21.2's own ``generate`` under transformers 5.25 re-injects the prompt
+    sequence per token: PEFT 0.21.2's own ``generate`` under transformers 5.24 and 5.25 re-injects the prompt
     every step (it looks for ``past_key_values``, which transformers now calls ``cache``)."""
     pm, g = _peft_prompt_learning(arch, kind)
     batch = prompts()
