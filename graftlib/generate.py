@@ -36,11 +36,13 @@ changes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -48,11 +50,12 @@ from torch import nn
 from .errors import GraftError
 from .registry import get_method
 from .trace import BATCH, SEQ, Traced, trace
+from .unpadded import assume_unpadded
 
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["generate", "step_graph", "StepLayout", "step_layout", "past_names", "past_inputs", "filled_cache", "user_model",
+__all__ = ["generate", "step_graph", "StepKind", "step_kind", "StepLayout", "step_layout", "past_names", "past_inputs", "filled_cache", "user_model",
            "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic",
            "virtual_token_adapters", "verification_prompts"]
 
@@ -123,18 +126,20 @@ def _shallow_view(model: nn.Module) -> nn.Module:
     return view
 
 
-def step_module(model: nn.Module, layout: StepLayout) -> nn.Module:
-    """`model` (same parameter names) whose forward is the flat KV-cache step (module docstring)."""
+def step_module(model: nn.Module, layout: StepLayout, last: bool = False) -> nn.Module:
+    """`model` (same parameter names) whose forward is the flat KV-cache step (module docstring); `last`:
+    logits of the last position only (generate's ``logits_to_keep=1``)."""
     from transformers import DynamicCache
 
     step = _shallow_view(model)
     names = layout.past
     forward = type(model).forward
+    keep = {"logits_to_keep": 1} if last else {}
 
     def flat_forward(**inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = filled_cache(DynamicCache(), [inputs[name] for name in names])  # (B, H_kv, P, D) each
         out = forward(step, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                      position_ids=inputs["position_ids"], use_cache=True, **{layout.cache_arg: cache})
+                      position_ids=inputs["position_ids"], use_cache=True, **{layout.cache_arg: cache}, **keep)
         return (out.logits,) + tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
 
     kind = inspect.Parameter.KEYWORD_ONLY
@@ -165,38 +170,97 @@ def step_examples(model: nn.Module, layout: StepLayout, batch: int = BATCH, seq:
     return inputs
 
 
-def step_inputs_dynamic(layout: StepLayout) -> dict[str, Any]:
-    """The step inputs' dynamic axes: batch and sequence; batch and cache length for the past."""
-    axes: dict[str, Any] = {k: (0, 1) for k in ("input_ids", "attention_mask", "position_ids")}
+def step_inputs_dynamic(layout: StepLayout, decode: bool = False) -> dict[str, Any]:
+    """The step inputs' dynamic axes: batch and sequence (batch only for a one-token `decode` step); batch
+    and cache length for the past."""
+    new = (0,) if decode else (0, 1)
+    axes: dict[str, Any] = {"input_ids": new, "position_ids": new, "attention_mask": (0, 1)}
     axes.update({name: (0, 2) for name in layout.past})  # batch, cache length
     return axes
 
 
+# -- which step graph: the attention path eager Hugging Face code takes -------------------------------
+@dataclass(frozen=True)
+class StepKind:
+    """Which trace of the step serves a call. Eager Hugging Face attention looks at its inputs and takes
+    one of several paths, each rounding its own way; a traced graph records one path, so each path the
+    eager decoding loop takes gets its own graph, bit-equal to eager::
+
+        general   any S, explicit mask, keys / values repeated per query head (GQA)   prefill, ONNX
+        unpadded  no padding and (S = 1 or no cache): no mask, is_causal at S > 1, SDPA's enable_gqa
+        decode    S = 1 with padding: the query folded onto the key/value heads (HF's pack_gqa)
+        last      the prefill's logits for the last position only (generate's logits_to_keep=1)
+
+    The repeated keys / values of the general graph are a copy of the whole cache per layer and token;
+    the decode graphs read the cache in place, which is where eager decoding gets its speed.
+    """
+
+    decode: bool = False     # one new token (S = 1)
+    unpadded: bool = False   # traced with Hugging Face's mask skip (unpadded.assume_unpadded)
+    last: bool = False       # logits of the last position only (prefill; a decode step has one position)
+
+    @property
+    def tag(self) -> str:
+        flags = (("decode", self.decode), ("unpadded", self.unpadded), ("last", self.last))
+        return ":".join(["causal"] + [name for name, on in flags if on])
+
+
+def step_kind(attention_mask: torch.Tensor, new_tokens: int, cached: int, logits_to_keep: Any = None
+              ) -> StepKind:
+    """The kind of step eager code runs for a call: `new_tokens` new positions after `cached` ones."""
+    decode = new_tokens == 1
+    unpadded = (decode or cached == 0) and bool(attention_mask.all())
+    last = not decode and isinstance(logits_to_keep, int) and logits_to_keep == 1
+    return StepKind(decode=decode, unpadded=unpadded, last=last)
+
+
+@contextlib.contextmanager
+def _eager_path(kind: StepKind) -> Iterator[None]:
+    """While tracing, take the attention path eager code takes for `kind` (see StepKind)."""
+    with contextlib.ExitStack() as stack:
+        if kind.unpadded:
+            stack.enter_context(assume_unpadded())
+        if kind.decode:  # sdpa_attention's only use of the check: pack_gqa for one query token, which eager
+            try:         # decoding takes; with S = 1 static it is a plain reshape in the graph
+                from transformers.integrations import sdpa_attention
+            except ImportError:
+                pass
+            else:
+                stack.enter_context(mock.patch.object(sdpa_attention, "is_torchdynamo_compiling", lambda: False))
+        yield
+
+
 # -- the step graph: a variant of the grafted module ---------------------------------------------
 def _cached_variant(g: "GraftedModule", tag: str, build: Any, examples: dict[str, torch.Tensor],
-                    dynamic: dict[str, Any]) -> "GraftedModule":
-    """`g`'s variant for the module `build()` makes (traced in eval mode on `examples`), kept among `g`'s
-    variants under an eval ``Context`` of its own (so adding or deleting an adapter replays on it too)."""
+                    dynamic: dict[str, Any], path: StepKind | None = None) -> "GraftedModule":
+    """`g`'s variant for the module `build()` makes (traced in eval mode on `examples`, along the eager
+    attention `path`), kept among `g`'s variants under an eval ``Context`` of its own (so adding or
+    deleting an adapter replays on it too)."""
     key = g._own_context()._replace(training=False, inputs=frozenset(examples), mask=f"{STEP_CONTEXT}:{tag}")
     variant = g._variants.get(key)
     if variant is None:
         module = build()
-        traced = trace(module, examples, dynamic=dynamic, training=False, verify=g._traced.verify)
+        with _eager_path(path or StepKind()):
+            traced = trace(module, examples, dynamic=dynamic, training=False, verify=g._traced.verify)
         _drop_input_guards(traced)
-        variant = g._variants[key] = g.graft_variant(traced, module)
+        records = g.records
+        if path is not None and path.decode:  # virtual tokens enter at the prefill, never at a decode step
+            records = [r for r in records if not hasattr(get_method(r.method), "virtual_tokens")]
+        variant = g._variants[key] = g.graft_variant(traced, module, records)
+        variant._unpadded = bool(path and path.unpadded)  # mixed batches: no second unpadded twin of it
     variant._active, variant.training = g._active, False
     return variant
 
 
-def step_graph(g: "GraftedModule") -> "GraftedModule":
-    """The grafted step graph of `g` (eval mode, `g`'s active adapters), traced on first use."""
+def step_graph(g: "GraftedModule", kind: StepKind = StepKind()) -> "GraftedModule":
+    """The grafted step graph of `g` of `kind` (eval mode, `g`'s active adapters), traced on first use."""
     source = getattr(g, "_merged_from", None)
     if source is not None:  # a merged module: its source's step graph, merged the same way
         grafted, names, options = source
-        cached = g.__dict__.get("_step_merged")
+        merged = g.__dict__.setdefault("_step_merged", {})
+        cached = merged.get(kind)
         if cached is None:
-            cached = step_graph(grafted).merge(adapters=names, **options)
-            g.__dict__["_step_merged"] = cached
+            cached = merged[kind] = step_graph(grafted, kind).merge(adapters=names, **options)
         cached._active, cached.training = g._active, False
         return cached
     model = g._model
@@ -204,8 +268,9 @@ def step_graph(g: "GraftedModule") -> "GraftedModule":
         raise GraftError("g.generate needs a module that can re-trace its model (this one was merged in place "
                          "or built without its model): generate from g.merge() (not inplace) or the unmerged g")
     layout = step_layout(model)
-    variant = _cached_variant(g, "causal", lambda: step_module(model, layout), step_examples(model, layout),
-                              step_inputs_dynamic(layout))
+    examples = step_examples(model, layout, seq=1 if kind.decode else SEQ)
+    variant = _cached_variant(g, kind.tag, lambda: step_module(model, layout, kind.last), examples,
+                              step_inputs_dynamic(layout, kind.decode), kind)
     variant._traced.extras["step_layout"] = layout
     return variant
 
@@ -266,14 +331,15 @@ class _StepForward:
     """The view's forward: cache -> flat past tensors -> step graph -> logits, cache updated."""
 
     def __init__(self, g: "GraftedModule", adapter_names: Sequence[str] | None):
-        self.step = step_graph(g)
-        self.layout: StepLayout = self.step._traced.extras["step_layout"]
+        self.g = g
+        self.layout: StepLayout = step_graph(g)._traced.extras["step_layout"]
         self.prompts = _virtual_tokens(g)
         if adapter_names is not None and self.prompts:
             raise GraftError("adapter_names (mixed batches) supports LoRA adapters; prompt adapters "
                              f"{sorted(self.prompts)} are active: g.set_active([...]) without them")
         self.names = None if adapter_names is None else list(adapter_names)
         self.calls: list[tuple[int, int]] = []  # (new tokens S, cached P) per step: shows the cache is used
+        self.kinds: list[StepKind] = []  # which step graph ran each call
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -290,9 +356,13 @@ class _StepForward:
             cache = kwargs.get("past_key_values")
         _check_cache(cache)
         inputs = self._inputs(input_ids, attention_mask, position_ids, cache)
-        outputs = self._run(inputs, prefill=cache.get_seq_length() == 0)
+        outputs = self._run(inputs, cache.get_seq_length(), kwargs.get("logits_to_keep"))
         filled_cache(cache, outputs[1:])  # the presents: the whole cache, past included
-        return CausalLMOutputWithPast(logits=outputs[0], past_key_values=cache)
+        logits = outputs[0]
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, int) and keep > 1:
+            logits = logits[:, -keep:]
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def _inputs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
                 cache: Any) -> dict[str, torch.Tensor]:
@@ -307,12 +377,15 @@ class _StepForward:
             positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
         inputs = {"input_ids": input_ids, "attention_mask": mask.long(), "position_ids": positions}
         self.calls.append((seq, past))
-        return {**inputs, **past_inputs(cache, self.layout, batch, _dtype(self.step), device)}
+        return {**inputs, **past_inputs(cache, self.layout, batch, _dtype(self.g), device)}
 
-    def _run(self, inputs: dict[str, torch.Tensor], prefill: bool) -> tuple[torch.Tensor, ...]:
-        step = self.step
+    def _run(self, inputs: dict[str, torch.Tensor], cached: int, logits_to_keep: Any
+             ) -> tuple[torch.Tensor, ...]:
+        kind = step_kind(inputs["attention_mask"], inputs["input_ids"].shape[1], cached, logits_to_keep)
+        self.kinds.append(kind)
+        step = step_graph(self.g, kind)
         active = step._active
-        if self.prompts and not prefill:  # virtual tokens are in the cache already
+        if self.prompts and cached:  # virtual tokens are in the cache already
             step._active = tuple(a for a in active if a not in self.prompts)
         try:
             if self.names is not None:

@@ -505,14 +505,16 @@ class Grafted(nn.Module):
         variant._unpadded = unpadded
         return variant
 
-    def graft_variant(self, traced: Traced, model: nn.Module) -> "Grafted":
+    def graft_variant(self, traced: Traced, model: nn.Module,
+                      records: Iterable[GraftRecord] | None = None) -> "Grafted":
         """`traced` (a trace of `model`, whose parameters have this model's names, e.g. generation's
-        KV-cache step module) as a variant: the grafts replayed, parameters and adapter store shared."""
+        KV-cache step module) as a variant: the grafts (or `records` of them) replayed, parameters and
+        adapter store shared."""
         variant = Grafted(traced, model)
         checkpoint.inherit(variant, self)
         block_runtime.inherit(variant, self)
         _adopt_parameters(variant.graph_module, self.graph_module)
-        variant.add_records(self.records)
+        variant.add_records(self.records if records is None else records)
         retarget.follow_model(variant, self._model)  # when this module moved after grafting
         return variant
 
