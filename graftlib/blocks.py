@@ -19,24 +19,35 @@ runtime of the module (each mode, each set of active adapters, each variant trac
 
 Blocks are found as gradient checkpointing finds them (``checkpoint.blocks``: nn_module_stack). Ops and
 their order are the flat graph's, so outputs and gradients are equal bit for bit.
+
+*Units* (``units(g)``) do the same for the weight matrices outside the blocks (token embeddings, output
+head): each op reading one is called through its owner module, so FSDP2 can shard the owner as a unit of
+its own and gather it around that op only. Left in the root unit they are gathered for the whole step,
+all at once: on a 1.1B Llama that is 524 MB of embedding and head, with FSDP2's all-gather buffer beside
+the gathered copy (measured: the training peak then sits ~1.4 GiB above the loaded shards at 4 and at 8
+layers alike).
 """
 from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import fx, nn
 
 import graftlib.checkpoint as checkpoint
+from .editor import STORE
 from .errors import GraftError
 
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["Block", "blocks", "block_paths", "live_module", "runtime", "inherit", "share_tree"]
+__all__ = ["Block", "blocks", "block_paths", "units", "unit_paths", "live_module", "runtime", "inherit",
+           "share_tree"]
 
 _ROOT = "_blocks_root"  # a live module's __dict__ entry: the Grafted whose module tree holds the weights
+_UNITS = "_blocks_units"  # the root's __dict__ entry: module paths of the units (see units())
 
 
 class Block(nn.Module):
@@ -80,6 +91,48 @@ def blocks(grafted: "GraftedModule") -> list[nn.Module]:
     return modules
 
 
+def unit_paths(graph: fx.Graph, tree: nn.Module) -> list[str]:
+    """Owners of the weight matrices (2-D or more) outside the blocks, each read by ops outside the blocks
+    only and not tied to another name: the token embeddings, the output head, position tables."""
+    part, block_parts = checkpoint.blocks(graph)
+    holders: dict[int, int] = {}
+    for _, module in tree.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                holders[id(param)] = holders.get(id(param), 0) + 1
+    paths: list[str] = []
+    for node in graph.nodes:
+        owner_path, _, leaf = str(node.target).rpartition(".")
+        if node.op != "get_attr" or not owner_path or owner_path.split(".")[0] == STORE or owner_path in paths:
+            continue
+        try:
+            owner = tree.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        param = owner._parameters.get(leaf)
+        if param is None or param.dim() < 2 or holders.get(id(param)) != 1 or type(owner) not in (nn.Module, Block):
+            continue
+        if any(part.get(user) in block_parts or user.op != "call_function" for user in node.users):
+            continue
+        paths.append(owner_path)
+    return paths
+
+
+def units(grafted: "GraftedModule") -> list[nn.Module]:
+    """The unit modules of `grafted` (module docstring), in block mode (``g.blocks()`` is called)."""
+    blocks(grafted)
+    root = grafted.__dict__[_ROOT]
+    paths = root.__dict__.get(_UNITS)
+    if paths is None:
+        paths = root.__dict__[_UNITS] = unit_paths(root.graph, root.graph_module)
+        for path in paths:
+            root.graph_module.get_submodule(path).__class__ = Block
+        for member in checkpoint._family(grafted):
+            member._runtimes.clear()
+        grafted.runtime_module()
+    return [root.graph_module.get_submodule(path) for path in paths]
+
+
 def inherit(variant: "GraftedModule", parent: "GraftedModule") -> None:
     """A variant traced later runs live too, on its parent's module tree."""
     if _ROOT in parent.__dict__:
@@ -93,7 +146,7 @@ def runtime(grafted: "GraftedModule", named: fx.GraphModule, flat: fx.GraphModul
         return checkpoint.maybe_wrap(grafted, flat, training)
     options = grafted.__dict__.get("_checkpointing") if training else None
     share_tree(named, root.graph_module)
-    return live_module(named, root.graph_module, options)
+    return live_module(named, root.graph_module, options, root.__dict__.get(_UNITS, ()))
 
 
 def share_tree(named: fx.GraphModule, tree: nn.Module) -> None:
@@ -118,10 +171,13 @@ def _resolves(tree: nn.Module, target: str) -> bool:
     return True
 
 
-def live_module(named: fx.GraphModule, tree: nn.Module, checkpointing: dict[str, Any] | None = None) -> fx.GraphModule:
-    """`named`'s graph with each block partition called through the block module of `tree` and every
-    weight read at call time from its owner in `tree` (see the module docstring)."""
+def live_module(named: fx.GraphModule, tree: nn.Module, checkpointing: dict[str, Any] | None = None,
+                unit_owners: Sequence[str] = ()) -> fx.GraphModule:
+    """`named`'s graph with each block partition called through the block module of `tree`, each op
+    reading a unit's weight through that unit, and every weight read at call time from its owner in
+    `tree` (see the module docstring)."""
     part, block_parts = checkpoint.blocks(named.graph)
+    unit_calls = _unit_calls(named.graph, unit_owners)
     paths = {index: _path_of(named.graph, part, index) for index in block_parts}
     options = dict(checkpointing or {})
     every_n, offload = int(options.pop("every_n_layers", 1)), bool(options.pop("offload", False))
@@ -141,11 +197,25 @@ def live_module(named: fx.GraphModule, tree: nn.Module, checkpointing: dict[str,
             continue
         if node.op == "get_attr":
             continue  # read where used (reader)
+        if node in unit_calls:
+            _call_block(graph, env, named.graph, unit_calls, unit_calls[node], unit_calls[node].split("@")[0],
+                        tree, attrs, reader, None, options, offload)
+            continue
         env[node] = graph.node_copy(node, lambda n: _value(graph, env, reader, n))
     graph._codegen = copy.deepcopy(named.graph._codegen)  # pytree in/out: the model's output class
     module = fx.GraphModule(_with_modules(attrs, graph, named), graph)
     module.train(named.training)
     return module
+
+
+def _unit_calls(graph: fx.Graph, owners: Sequence[str]) -> dict[fx.Node, str]:
+    """Each op reading a unit's weight -> ``"owner@k"`` (one call of the owner module per op)."""
+    calls: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and str(node.target).rpartition(".")[0] in owners:
+            for user in node.users:
+                calls.setdefault(user, f"{str(node.target).rpartition('.')[0]}@{len(calls)}")
+    return calls
 
 
 def _with_modules(attrs: dict[str, Any], graph: fx.Graph, named: fx.GraphModule) -> dict[str, Any]:
@@ -172,8 +242,8 @@ def _value(graph: fx.Graph, env: dict[fx.Node, fx.Node], reader: "_Reader", node
     return env[node]
 
 
-def _call_block(graph: fx.Graph, env: dict[fx.Node, fx.Node], source: fx.Graph, part: dict[fx.Node, int],
-                index: int, path: str, tree: nn.Module, attrs: dict[str, Any], reader: "_Reader",
+def _call_block(graph: fx.Graph, env: dict[fx.Node, fx.Node], source: fx.Graph, part: dict[fx.Node, Any],
+                index: Any, path: str, tree: nn.Module, attrs: dict[str, Any], reader: "_Reader",
                 wrap: Any, options: dict[str, Any], offload: bool) -> None:
     """Move partition `index` into its own graph module and call it through the block at `path`."""
     members = [n for n in source.nodes if part.get(n) == index]
@@ -196,10 +266,11 @@ def _call_block(graph: fx.Graph, env: dict[fx.Node, fx.Node], source: fx.Graph, 
     runner: nn.Module = fx.GraphModule(_with_modules(sub_attrs, sub, reader.named), sub)
     if wrap is not None:
         runner = _Forward(wrap(runner, options, offload))
-    name = f"_part_{index}"
+    key = str(index).replace(".", "_").replace("@", "_at_")
+    name = f"_part_{key}"
     attrs[name] = runner
-    attrs[f"_block_{index}"] = tree.get_submodule(path)
-    call = graph.call_module(f"_block_{index}", (graph.get_attr(name),
+    attrs[f"_block_{key}"] = tree.get_submodule(path)
+    call = graph.call_module(f"_block_{key}", (graph.get_attr(name),
                                                  *(_value(graph, env, reader, n) for n in inputs)))
     for position, node in enumerate(outputs):
         env[node] = graph.call_function(operator.getitem, (call, position))

@@ -5,13 +5,14 @@ The standard recipe (torchtune's lora_finetune_distributed) on a grafted module:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)                 # no memory
     g = graftlib.distributed.graft_on_meta(model, "lora(q,v,r=16)")   # adapters real, base on meta
-    graftlib.distributed.shard(g)                        # fully_shard(block) per layer, then fully_shard(g)
+    graftlib.distributed.shard(g)                        # fully_shard per layer and unit, then fully_shard(g)
     graftlib.distributed.load_base(g, "model.safetensors", buffers=...)  # each rank reads its rows only
     ... train ...
     g.save("out")                                        # every rank calls it; rank 0 writes one graft dir
 
-- ``shard`` = ``for b in g.blocks(): fully_shard(b)`` then ``fully_shard(g)`` (blocks.py): each block's
-  base weights are one FSDP unit; adapters and the glue (embeddings, final norm, head) the root unit.
+- ``shard`` = ``for b in g.blocks(): fully_shard(b)``, the same for each unit outside the blocks
+  (``blocks.units``: token embeddings, head), then ``fully_shard(g)``: each block's base weights are one
+  FSDP unit, each embedding / head another; adapters, norms and the rest of the glue the root unit.
 - ``load_base`` reads each parameter's local rows (plain file reads) into a DTensor with the
   placement FSDP gave it: the full model is never materialised on one rank. Buffers a meta model could
   not compute (rotary ``inv_freq``) come from the file or ``buffers=``.
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .protocols import GraftedModule
 
 __all__ = ["graft_on_meta", "shard", "load_base", "load_adapters", "init", "backend", "launch", "free_port",
-           "shard_bytes", "gathered_bytes", "is_sharded", "rank_zero", "barrier", "peak_rss_mib"]
+           "shard_bytes", "gathered_bytes", "is_sharded", "rank_zero", "barrier", "peak_rss_mib", "rss_mib"]
 
 
 # -- grafting on meta ---------------------------------------------------------------------------------
@@ -103,11 +104,16 @@ def _compute_on(graph: "torch.fx.Graph", device: torch.device) -> None:
 
 # -- sharding -----------------------------------------------------------------------------------------
 def shard(grafted: "GraftedModule", **fsdp_options: Any) -> "GraftedModule":
-    """``fully_shard`` each block, then the module (FSDP2's recipe); `fsdp_options` go to every call."""
+    """``fully_shard`` each block, each unit outside them (token embeddings, output head: see
+    ``graftlib.blocks.units``), then the module (FSDP2's recipe); `fsdp_options` go to every call."""
     from torch.distributed.fsdp import fully_shard
+
+    from .blocks import units
 
     for block in grafted.blocks():
         fully_shard(block, **fsdp_options)
+    for unit in units(grafted):
+        fully_shard(unit, **fsdp_options)
     fully_shard(grafted, **fsdp_options)
     return grafted
 
@@ -143,15 +149,15 @@ def shard_bytes(grafted: "GraftedModule") -> tuple[int, int]:
     return local, full
 
 
-def gathered_bytes(grafted: "GraftedModule", blocks: list[nn.Module] | None = None) -> int:
-    """Bytes of the blocks' base parameters gathered (unsharded) right now: FSDP2 frees a block's after
-    its forward, so inside block k's forward this is about block k's size."""
-    total = 0
-    for block in blocks if blocks is not None else grafted.blocks():
-        for param in block.parameters():
-            if not is_sharded(param):
-                total += param.untyped_storage().nbytes()
-    return total
+def gathered_bytes(grafted: "GraftedModule", modules: list[nn.Module] | None = None) -> int:
+    """Bytes of base parameters gathered (unsharded) right now, in `modules` (None: the whole model, the
+    root unit's own parameters included). FSDP2 frees a block's after its forward, so inside block k's
+    forward this is about block k's size plus what the root unit keeps (norms)."""
+    if modules is None:
+        params = [holders[0][0]._parameters[holders[0][1]] for holders in _base_parameters(grafted).values()]
+    else:
+        params = [param for module in modules for param in module.parameters()]
+    return sum(param.untyped_storage().nbytes() for param in params if not is_sharded(param))
 
 
 # -- loading into shards ------------------------------------------------------------------------------
@@ -351,7 +357,16 @@ def barrier() -> None:
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM), MiB."""
+    return _status_mib("VmHWM:")
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (VmRSS), MiB."""
+    return _status_mib("VmRSS:")
+
+
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")

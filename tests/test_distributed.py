@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import graftlib
+import graftlib.blocks as block_runtime
 from models import build, build_with_head, inputs_for
 from test_training import _hidden, _randomise  # the same helpers: hidden states, random adapters
 
@@ -53,6 +54,54 @@ def test_blocks_equal_flat_runtime(arch: str, spec: str, checkpointed: bool) -> 
     live.set_active(live.active_adapters[:1])  # another adapter set: another runtime, the same blocks
     flat.set_active(flat.active_adapters[:1])
     assert torch.equal(_hidden(flat(**x)), _hidden(live(**x)))
+
+
+#: (model, spec, the units expected: weight matrices outside the blocks, untied)
+UNITS = [
+    ("llama-lm", "lora(q_proj, v_proj, lm_head, r=4)", ["model.embed_tokens", "lm_head"]),
+    ("bert-cls", "lora(query, value, r=4)", ["bert.embeddings.word_embeddings",
+                                             "bert.embeddings.position_embeddings",
+                                             "bert.embeddings.token_type_embeddings", "bert.pooler.dense",
+                                             "classifier"]),
+    ("gpt2", "lora(c_attn, r=4)", ["wte", "wpe"]),
+    ("gpt2-lm", "lora(c_attn, r=4)", ["transformer.wpe"]),  # wte is tied to lm_head: left in the root unit
+]
+
+
+def _gpt2_lm() -> torch.nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+@pytest.mark.parametrize("arch,spec,expected", UNITS, ids=[u[0] for u in UNITS])
+def test_units_equal_flat_runtime(arch: str, spec: str, expected: list[str]) -> None:
+    """Ops reading a unit's weight run through the unit's module (what FSDP2 hooks), numbers unchanged."""
+    from graftlib.blocks import unit_paths, units
+
+    if arch == "gpt2-lm":
+        model, x = _gpt2_lm(), inputs_for("gpt2")
+    elif arch.endswith(("-lm", "-cls")):
+        model, x = build_with_head(arch.split("-")[0]), inputs_for(arch.split("-")[0])
+    else:
+        model, x = build(arch)
+    flat, live = graftlib.apply(model, spec), graftlib.apply(model, spec)
+    _randomise(flat), _randomise(live)
+    found = units(live)
+    assert unit_paths(live.graph, live.graph_module) == expected
+    assert [type(u).__name__ for u in found] == ["Block"] * len(expected)
+    calls = []
+    hooks = [u.register_forward_pre_hook(lambda module, args: calls.append(module)) for u in found]
+    flat.train(), live.train()
+    out_flat, out_live = _seeded(flat, x), _seeded(live, x)
+    assert torch.equal(out_flat, out_live) and {id(m) for m in calls} == {id(u) for u in found}
+    out_flat.square().mean().backward()
+    out_live.square().mean().backward()
+    for (name, a), b in zip(flat.store.named_parameters(), live.store.parameters()):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+    for hook in hooks:
+        hook.remove()
 
 
 def _seeded(g: graftlib.Grafted, x: dict) -> torch.Tensor:
@@ -190,12 +239,13 @@ def _worker(rank: int, world: int, port: int, mode: str, folder: str) -> None:
                 gd.load_base(g, Path(folder) / "model.safetensors", buffers=buffers)
             gd.load_adapters(g, Path(folder) / "start")
             report["local_bytes"], report["full_bytes"] = gd.shard_bytes(g)
-            report["block_bytes"] = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+            units = block_runtime.units(g)
+            size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731
+            report["block_bytes"], report["unit_bytes"] = [size(b) for b in blocks], [size(u) for u in units]
             peaks: list[int] = []
-            hooks = [b.register_forward_hook(lambda *_: peaks.append(gd.gathered_bytes(g, blocks)))
-                     for b in blocks]
-            hooks += [b.register_forward_pre_hook(lambda *_: peaks.append(gd.gathered_bytes(g, blocks)))
-                      for b in blocks]
+            hooks = [m.register_forward_hook(lambda *_: peaks.append(gd.gathered_bytes(g))) for m in blocks + units]
+            hooks += [m.register_forward_pre_hook(lambda *_: peaks.append(gd.gathered_bytes(g)))
+                      for m in blocks + units]
             run = g
         report["losses"] = _train(g, run, x, _mean_over_ranks)
         if mode != "ddp":
@@ -250,7 +300,10 @@ def test_two_processes_train_like_one(tmp_path, mode: str) -> None:
     if mode != "ddp":
         blocks = report["block_bytes"]
         assert abs(report["local_bytes"] - report["full_bytes"] / 2) <= 0.02 * report["full_bytes"]
-        assert report["gathered_peak"] == max(blocks)  # one block at a time, never the model
+        units = report["unit_bytes"]
+        assert len(units) == 2  # the token embeddings and the head: units of their own
+        root = report["full_bytes"] - sum(blocks) - sum(units)  # what the root unit keeps gathered (norms)
+        assert report["gathered_peak"] == max(blocks + units) + root  # one unit at a time, never the model
 
 
 # -- 3. graft on meta, load from safetensors (one process: the same path without sharding) --------------

@@ -203,20 +203,24 @@ def greedy_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, new: int,
     return ids
 
 
+@pytest.mark.parametrize("rows", [3, 1], ids=["left-padded", "unpadded"])
 @pytest.mark.parametrize("kind", list(PROMPT_LEARNING))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prompt_learning_equals_peft_model(arch, kind):
+def test_prompt_learning_equals_peft_model(arch, kind, rows):
     """Prefix tuning (learned keys / values in front of the cache) and prompt tuning (virtual tokens at
     the prefill only) decode PEFT's model token for token. The reference is PEFT's forward over the whole
     sequence per token: PEFT 0.21.2's own ``generate`` under transformers 5.24 and 5.25 re-injects the prompt
     every step (it looks for ``past_key_values``, which transformers now calls ``cache``)."""
     pm, g = _peft_prompt_learning(arch, kind)
-    batch = prompts()
-    ours = _generate(g, do_sample=False)
+    batch = prompts(rows)  # unpadded: the graphs traced without a mask (a prefix on is_causal attention)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ours = g.generate(**batch, max_new_tokens=NEW, do_sample=False)
     offset = 0 if kind == "prefix" else None
     assert torch.equal(ours, greedy_without_cache(pm, batch["input_ids"], batch["attention_mask"], NEW, offset))
-    with g.disable_adapters():
-        assert not torch.equal(_generate(g, do_sample=False), ours), "the adapter should change the tokens"
+    with torch.no_grad(), g.disable_adapters():
+        off = g.generate(**batch, max_new_tokens=NEW, do_sample=False)
+    assert not torch.equal(off, ours), "the adapter should change the tokens"
 
 
 # -- mixed adapters: each row through its own adapter -------------------------------------------------

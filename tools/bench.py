@@ -854,27 +854,35 @@ def _decode_onnx(g: Any, name: str, reps: int, context: int = 128) -> list[Row]:
 def bench_blocks(m: Models, shapes: list[tuple[int, int]], reps: int) -> list[Row]:
     """Single process: the per-block runtime (``g.blocks()``, what FSDP2 shards) against the flat one."""
     base = _no_dropout(m.build())
+    from graftlib.blocks import units
+
     flat, live = _graftlib_contender(base), _graftlib_contender(base)
     live.load_state_dict(flat.state_dict())
     live.blocks()
+    units(live)  # what graftlib.distributed.shard calls through: blocks, embeddings and head as modules
     rows = []
     for batch, seq in shapes:
         x = _inputs(m, batch, seq)
         flat.eval(), live.eval()
         with torch.inference_mode():
-            rows.append(_blocks_row("forward", m, batch, seq, lambda: live(**x), lambda: flat(**x), 4 * reps))
+            rows.append(_blocks_row("forward", m, batch, seq, lambda: live(**x), lambda: flat(**x), reps))
         flat.train(), live.train()
         rows.append(_blocks_row("fwd+bwd", m, batch, seq, _train_step(live, x, None), _train_step(flat, x, None),
-                                2 * reps))
+                                reps))
     return rows
 
 
 def _blocks_row(what: str, m: Models, batch: int, seq: int, live: Callable[[], Any], flat: Callable[[], Any],
-                reps: int) -> Row:
-    blocks_ms, flat_ms, ratio, low, high = _paired_ratio(live, flat, reps)
+                reps: int, budget_s: float = 60.0) -> Row:
+    """Pairs: as many as fit `budget_s` (at least 2 x reps, at most 300): a 1 % bound needs many."""
+    flat()  # warm
+    start = time.perf_counter()
+    flat()
+    pairs = int(min(300, max(2 * reps, budget_s / (2 * (time.perf_counter() - start)))))
+    blocks_ms, flat_ms, ratio, low, high = _paired_ratio(live, flat, pairs)
     return Row(f"12 blocks: {what}, g.blocks() vs flat", f"{m.name} {batch}x{seq}", blocks_ms, None, flat_ms,
                note=f"base column = the flat runtime; paired ratio x{ratio:.3f} (95 % interval x{low:.3f}-x{high:.3f}, "
-                    f"{reps} pairs; target <= x1.010)")
+                    f"{pairs} pairs; target <= x1.010)")
 
 
 def to_markdown(rows: list[Row]) -> str:

@@ -5,10 +5,11 @@
 
 1. writes random base weights to one safetensors file, tensor by tensor (this process never holds them all);
 2. each rank: builds the model on the meta device, ``graft_on_meta`` (LoRA on q, v), ``shard`` (fully_shard
-   per block, then the root), ``load_base`` (its own rows of each weight only), then 2 AdamW steps;
-3. prints, per rank: local / full base bytes, the largest gathered block bytes seen inside a block's forward
-   (FSDP2 frees a block after its forward), seconds per step, the loss, and the rank's peak RSS (VmHWM)
-   until the base is loaded (it counts the file pages read) and during the training steps.
+   per block, per unit outside them (token embeddings, head), then the root), ``load_base`` (its own rows
+   of each weight only), then 2 AdamW steps;
+3. prints, per rank: local / full base bytes, the most base bytes gathered at once (seen as each block and
+   unit starts its forward; FSDP2 frees a unit after its forward), seconds per step, the loss, and the
+   rank's peak RSS (VmHWM) until the base is loaded (it counts the file pages read) and during the steps.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def _rank(rank: int, world: int, port: int, folder: str, layers: int, seq: int, 
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     import graftlib.distributed as gd
+    from graftlib.blocks import units as units_of
 
     gd.init(rank, world, port, timeout_s=1800)
     try:
@@ -83,12 +85,13 @@ def _rank(rank: int, world: int, port: int, folder: str, layers: int, seq: int, 
         start = time.perf_counter()
         gd.load_base(g, Path(folder) / "model.safetensors", buffers=buffers)
         load_s = time.perf_counter() - start
-        load_peak = gd.peak_rss_mib()
+        load_peak, loaded = gd.peak_rss_mib(), gd.rss_mib()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the training steps' peak
         local, full = gd.shard_bytes(g)
+        units = units_of(g)
         peaks: list[int] = []
-        for block in blocks:
-            block.register_forward_pre_hook(lambda *_: peaks.append(gd.gathered_bytes(g, blocks)))  # after FSDP's
+        for module in blocks + units:  # after FSDP's own pre-forward hook: the gathered weights are in place
+            module.register_forward_pre_hook(lambda *_: peaks.append(gd.gathered_bytes(g)))
         optimiser = torch.optim.AdamW([p for p in g.parameters() if p.requires_grad], lr=1e-4)
         losses, step_s = [], []
         for _ in range(steps):
@@ -99,10 +102,12 @@ def _rank(rank: int, world: int, port: int, folder: str, layers: int, seq: int, 
             optimiser.zero_grad()
             step_s.append(time.perf_counter() - start)
             losses.append(loss.item())
-        block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+        size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731
         report = dict(rank=rank, local_base_bytes=local, full_base_bytes=full, gathered_peak_bytes=max(peaks),
-                      largest_block_bytes=block_bytes, graft_s=round(graft_s, 1), load_s=round(load_s, 1),
+                      largest_block_bytes=max(map(size, blocks)), unit_bytes=[size(u) for u in units],
+                      graft_s=round(graft_s, 1), load_s=round(load_s, 1),
                       step_s=[round(s, 1) for s in step_s], losses=losses, peak_rss_until_loaded_mib=round(load_peak),
+                      rss_loaded_mib=round(loaded),
                       peak_rss_training_mib=round(gd.peak_rss_mib()))
         print(json.dumps(report), flush=True)
     finally:
