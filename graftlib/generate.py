@@ -55,8 +55,8 @@ from .unpadded import assume_unpadded
 if TYPE_CHECKING:
     from .protocols import GraftedModule
 
-__all__ = ["generate", "step_graph", "StepKind", "step_kind", "StepLayout", "step_layout", "past_names", "past_inputs", "filled_cache", "user_model",
-           "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic",
+__all__ = ["generate", "step_graph", "StepKind", "step_kind", "StepLayout", "step_layout", "past_names",
+           "past_inputs", "filled_cache", "user_model", "generation_view", "seq2seq_view", "seq2seq_layout", "prefill_inputs", "step_inputs_dynamic",
            "virtual_token_adapters", "verification_prompts"]
 
 PAST = 5          # example cache length of the step trace (distinct from BATCH and SEQ: no duck-sizing)
@@ -332,7 +332,7 @@ class _StepForward:
 
     def __init__(self, g: "GraftedModule", adapter_names: Sequence[str] | None):
         self.g = g
-        self.layout: StepLayout = step_graph(g)._traced.extras["step_layout"]
+        self.layout = step_layout(user_model(g))
         self.prompts = _virtual_tokens(g)
         if adapter_names is not None and self.prompts:
             raise GraftError("adapter_names (mixed batches) supports LoRA adapters; prompt adapters "

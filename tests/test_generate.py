@@ -121,6 +121,21 @@ def test_adapters_off_logits_bit_equal_eager(arch, rows):
         [StepKind(decode=True, unpadded=unpadded)] * (NEW - 1)
 
 
+def test_one_token_prompt_bit_equal_eager():
+    """A one-token prompt's prefill is a one-new-token step with an empty cache: the decode graph."""
+    from graftlib.generate import StepKind, generation_view
+
+    _, g = lora_pair("llama")
+    x = {"input_ids": torch.tensor([[5], [7]]), "attention_mask": torch.ones(2, 1, dtype=torch.long)}
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    view = generation_view(g)
+    with torch.no_grad(), g.disable_adapters():
+        ours, theirs = view.generate(**x, **kwargs), causal_lm("llama").generate(**x, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+    assert view.graft_step.kinds == [StepKind(decode=True, unpadded=True)] * 4
+
+
 # -- LoRA: PEFT's generate, greedy / sampling / beam search ------------------------------------------
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ARCHS)
