@@ -120,7 +120,8 @@ def unit_paths(graph: fx.Graph, tree: nn.Module) -> list[str]:
 
 def units(grafted: "GraftedModule") -> list[nn.Module]:
     """The unit modules of `grafted` (module docstring), in block mode (``g.blocks()`` is called)."""
-    blocks(grafted)
+    if _ROOT not in grafted.__dict__:
+        blocks(grafted)
     root = grafted.__dict__[_ROOT]
     paths = root.__dict__.get(_UNITS)
     if paths is None:
